@@ -1,0 +1,274 @@
+"""
+Harmonic Mean Selection (HMS): how Self-Harmony picks a pseudo-label without ground truth.
+Each question is answered G times in its original wording (view 0) and G times after the model
+reframed it (view 1). The label is the answer both views agree on, scored by the harmonic mean
+of its two frequencies, so an answer that only one wording produces cannot win.
+
+    p0(a) = #{i : a_i = a} / G0        p1(a) = #{i : a'_i = a} / G1
+    y*    = argmax_a  2 p0(a) p1(a) / (p0(a) + p1(a))   over answers seen in both views
+            = argmax_a  2 c0 c1 / (c0 G1 + c1 G0)         (the same, in counts, computed exactly)
+    ties: larger p0 + p1, then the lexicographically smallest answer; no common answer: None.
+A response with no answer (None) counts in G, as in the paper's p = count / G, but never wins.
+
+Baselines on the same rollouts: `mv` (majority over view 0, TTRL), `mv2` (majority over both
+views pooled), `cross` (Co-Reward: each view labelled by the other view's vote), `gt` (gold).
+
+Answers are compared in ONE canonical form (normalize_answer) for votes, rewards and grading;
+the release votes on raw strings and grades with a looser check, which splits the votes of equal
+answers written differently. Canonical numbers: an exact rational is written as an integer
+("25") or a reduced fraction "p/q" ("-3/8"); so 0.5, 1/2, \\frac12 and \\dfrac{1}{2} all become
+"1/2"; 5.0, 025, 5\\text{ cm} and x = 5 become "5"; 1\\frac{4}{5} is read as the mixed number 9/5.
+Answer extraction is bounded (MAX_BOX_CHARS) and linear, so adversarial text cannot stall it.
+
+Run `python hms.py` for a simulation of the echo chamber: majority voting locks onto a wrong
+answer as G grows, HMS recovers the right one when the view-invariance assumption holds, and
+does not when both views share the same mistake.
+"""
+import re
+from collections import Counter
+from fractions import Fraction
+
+import numpy as np
+
+SELECTORS = ("hms", "mv", "mv2", "cross", "gt")
+MAX_BOX_CHARS = 10_000  # no real answer is this long; bounds the brace scan on adversarial text
+
+# -----------------------------------------------------------------------------
+# reading an answer out of a response
+
+# the last \boxed or \fbox followed by a non-empty {...} or by " 5"; the greedy .* makes the
+# regex engine find the LAST one in a single backward pass (an empty "\boxed{}" is skipped)
+_LAST_BOX = re.compile(r".*\\(?:boxed|fbox)(?![A-Za-z])(?=\s*\{(?!\s*\})|\s+[-+.]?[0-9A-Za-z])", re.S)
+_OPEN = re.compile(r"\s*\{")
+_BARE = re.compile(r"\s+([-+.]?[0-9A-Za-z][^\s${}]*)")  # \boxed 5
+_BRACE_TOKEN = re.compile(r"\\.|[{}]", re.S)  # \{ and \} are literal braces, not grouping
+
+
+def extract_answer(text):
+    """The content of the last non-empty \\boxed{...} (or \\fbox{...}, or \\boxed 5), braces balanced.
+    A response cut off inside its last box has no answer (None): we do not fall back to an
+    earlier box, which keeps the work linear in the text."""
+    box = _LAST_BOX.match(text)
+    if box is None:
+        return None
+    opening = _OPEN.match(text, box.end())
+    if opening is None:
+        return _BARE.match(text, box.end()).group(1)
+    content = _braced_group(text, opening.end())
+    return None if content is None else content.strip()
+
+
+def _braced_group(text, start):
+    """text[start:j] where text[j] is the } closing the { just before start; None if it does
+    not close within MAX_BOX_CHARS."""
+    depth = 1
+    for tok in _BRACE_TOKEN.finditer(text, start, start + MAX_BOX_CHARS):
+        if tok.group(0) == "{":
+            depth += 1
+        elif tok.group(0) == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start:tok.start()]
+    return None
+
+
+def extract_choice(text, n_options):
+    """Multiple choice: the first standalone letter among the first n_options (A, B, ...) inside
+    the last box, e.g. \\boxed{B}, \\boxed{(C)}, \\boxed{\\text{D}}, \\boxed{B. 42}; else None."""
+    box = extract_answer(text)
+    if box is None or n_options < 1:
+        return None
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:n_options]
+    box = re.sub(r"\\[A-Za-z]+", " ", box)  # \text{D}: the command name must not hide the letter
+    m = re.search(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", box)
+    return m.group(1) if m else None
+
+# -----------------------------------------------------------------------------
+# one canonical form for answers
+
+_NOISE = [  # (pattern, replacement), applied in order
+    (re.compile(r"\\(?:left|right)(?![A-Za-z])\.?"), ""),
+    (re.compile(r"\\[dtc]frac(?![A-Za-z])"), r"\\frac"),
+    (re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree|°"), ""),
+    (re.compile(r"(?<!\\)\\!\s*"), ""),  # 10,\!080: a negative space inside a number
+    (re.compile(r"(?<!\\)\\[,;: >]|~|\\q?quad|\\displaystyle"), " "),  # (?<!\\): keep matrix rows \\
+    (re.compile(r"\\?\$|\\?%"), ""),
+    (re.compile(r"\\(?:mbox|textrm|textbf|textnormal|mathrm|mathbf)\{"), r"\\text{"),
+]
+_UNIT = re.compile(r"\\text\{\s*[A-Za-z][A-Za-z .]*\}(?:\^\{?\d\}?)?\s*$")
+_LEADING_NAME = re.compile(r"^(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?\s*(?:=|\\in(?![A-Za-z]))\s*(?=\S)")
+_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_BRACE_ARGS = [  # \frac12 -> \frac{1}{2}, \sqrt2 -> \sqrt{2}, x^{2} -> x^2
+    (re.compile(r"\\frac([0-9A-Za-z])([0-9A-Za-z])"), r"\\frac{\1}{\2}"),
+    (re.compile(r"\\frac([0-9A-Za-z])\{"), r"\\frac{\1}{"),
+    (re.compile(r"\\frac(\{[^{}]*\})([0-9A-Za-z])"), r"\\frac\1{\2}"),
+    (re.compile(r"\\sqrt([0-9A-Za-z])"), r"\\sqrt{\1}"),
+    (re.compile(r"([_^])\{(\w)\}"), r"\1\2"),
+]
+_PIECES = re.compile(r"(,|\(|\)|\[|\]|\\\{|\\\}|\\\\|&|\\begin\{\w*\}|\\end\{\w*\}|\\cup)")
+_NUM = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
+_RATIONAL = [
+    re.compile(rf"(?P<sign>[+-]?)(?P<p>{_NUM})"),
+    re.compile(rf"(?P<sign>[+-]?)(?P<p>{_NUM})/(?P<q>{_NUM})"),
+    re.compile(rf"(?P<sign>[+-]?)\\frac\{{(?P<p>{_NUM})\}}\{{(?P<q>{_NUM})\}}"),
+    re.compile(r"(?P<sign>[+-]?)(?P<w>\d+)\\frac\{(?P<p>\d+)\}\{(?P<q>\d+)\}"),  # mixed: 1\frac{4}{5}
+]
+
+
+def normalize_answer(s):
+    """The canonical form of an answer string: LaTeX spacing, \\left/\\right, $, %, degrees,
+    \\text{} wrappers and trailing units, a leading `x =`, thousands commas (in a lone number
+    only) and a trailing period go; \\dfrac/\\tfrac -> \\frac with braced arguments; every number
+    that stands alone (the whole answer, or one entry of a tuple, interval or matrix) becomes
+    an integer or a reduced "p/q". Order, signs, brackets and radicals are kept."""
+    s = s.strip()
+    if len(s) > MAX_BOX_CHARS:  # not an answer; compared verbatim, which bounds the time
+        return s
+    for pattern, repl in _NOISE:
+        s = pattern.sub(repl, s)
+    unit = _UNIT.search(s)
+    if unit and s[:unit.start()].strip():  # "5\text{ cm}" -> "5", but "\text{Evelyn}" stays
+        s = s[:unit.start()]
+    s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
+    s = _LEADING_NAME.sub("", s.strip()).strip().rstrip(".").strip()
+    if _THOUSANDS.fullmatch(s):  # only a lone number: "(1,2)" and "1, 2" keep their commas
+        s = s.replace(",", "")
+    s = re.sub(r"\s+", "", s)
+    for pattern, repl in _BRACE_ARGS:
+        s = pattern.sub(repl, s)
+    if re.fullmatch(r"\([A-Z]\)", s):  # "(B)" -> "B": a lone option letter, not an interval
+        s = s[1]
+    return "".join(_canonical_number(piece) for piece in _PIECES.split(s))
+
+
+def _canonical_number(piece):
+    """An exact rational as "n" or "p/q" in lowest terms; anything else unchanged."""
+    if len(piece) > 60:  # int() of huge digit strings is slow (and capped by Python)
+        return piece
+    for pattern in _RATIONAL:
+        m = pattern.fullmatch(piece)
+        if m is None:
+            continue
+        q = Fraction(m.group("q")) if "q" in m.groupdict() else Fraction(1)
+        if q == 0:
+            return piece
+        x = Fraction(m.group("p")) / q
+        if "w" in m.groupdict():
+            if x >= 1:  # 2\frac{3}{2} is not a mixed number; leave it alone
+                return piece
+            x += int(m.group("w"))
+        x = -x if m.group("sign") == "-" else x
+        return str(x.numerator) if x.denominator == 1 else f"{x.numerator}/{x.denominator}"
+    return piece
+
+# -----------------------------------------------------------------------------
+# pseudo-label selectors (answers are already normalised; None = no answer)
+
+
+def _counts(answers):
+    return Counter(a for a in answers if a is not None)
+
+
+def hms_scores(answers0, answers1):
+    """{a: 2 p0(a) p1(a) / (p0(a) + p1(a))} for every answer seen in both views.
+    None answers count in G0 and G1 (a response with no answer dilutes the others) but score nothing."""
+    return {a: float(s) for a, (s, _) in _hm_table(answers0, answers1).items()}
+
+
+def _hm_table(answers0, answers1):
+    """{a: (HM, p0 + p1)} as exact fractions, so that ties are real ties, not rounding."""
+    c0, c1, g0, g1 = _counts(answers0), _counts(answers1), len(answers0), len(answers1)
+    return {a: (Fraction(2 * c0[a] * c1[a], c0[a] * g1 + c1[a] * g0),  # = 2 p0 p1 / (p0 + p1)
+                Fraction(c0[a], g0) + Fraction(c1[a], g1))
+            for a in c0.keys() & c1.keys()}
+
+
+def harmonic_mean_select(answers0, answers1):
+    """y* = argmax over answers in both views of the harmonic mean of p0 and p1; ties go to the
+    larger p0 + p1, then to the smallest string. None when the views share no answer."""
+    table = _hm_table(answers0, answers1)
+    if not table:
+        return None
+    return min(table, key=lambda a: (-table[a][0], -table[a][1], a))
+
+
+def majority_vote(answers):
+    """TTRL's label: argmax_a #{i : a_i = a}; ties go to the smallest string; None never wins."""
+    counts = _counts(answers)
+    return min(counts, key=lambda a: (-counts[a], a)) if counts else None
+
+
+def pooled_majority_vote(answers0, answers1):
+    """The paper's "dual-perspective MV" ablation: one vote over the 2G answers of both views."""
+    return majority_vote(list(answers0) + list(answers1))
+
+
+def cross_select(answers0, answers1):
+    """Co-Reward: (label for view 0, label for view 1) = (vote of view 1, vote of view 0)."""
+    return majority_vote(answers1), majority_vote(answers0)
+
+
+def select_labels(selector, answers0, answers1, gold=None):
+    """(label for view 0, label for view 1) under the named selector, one of SELECTORS."""
+    if selector == "hms":
+        y = harmonic_mean_select(answers0, answers1)
+    elif selector == "mv":
+        y = majority_vote(answers0)
+    elif selector == "mv2":
+        y = pooled_majority_vote(answers0, answers1)
+    elif selector == "cross":
+        return cross_select(answers0, answers1)
+    elif selector == "gt":
+        if gold is None:
+            raise ValueError("selector 'gt' needs the gold answer")
+        y = normalize_answer(gold)
+    else:
+        raise ValueError(f"unknown selector {selector!r}; valid: {', '.join(SELECTORS)}")
+    return y, y
+
+# -----------------------------------------------------------------------------
+# simulation: the echo chamber, and where HMS does not help
+
+
+def _simulate(rng, G, n_questions, shared_mistake, n_spread=8):
+    """Label accuracy of (MV, pooled MV, HMS) and HMS's no-label rate over simulated questions.
+    Answer 0 is correct with the same p_c in both views (view invariance). View v puts a share
+    `focus` of its wrong mass on its own favourite wrong answer (1 + v; answer 1 in both views
+    when `shared_mistake`) and spreads the rest over the other wrong answers."""
+    n_answers = 3 + n_spread
+    p_c = rng.uniform(0.10, 0.35, size=4 * n_questions)
+    focus = rng.uniform(0.5, 0.9, size=4 * n_questions)
+    keep = (1 - p_c) * focus > p_c  # the echo-chamber regime: p(wrong) > p(correct) in view 0
+    p_c, focus = p_c[keep][:n_questions], focus[keep][:n_questions]
+    hits, no_label = np.zeros(3), 0
+    for pc, f in zip(p_c, focus):
+        views = []
+        for v in (0, 1):
+            fav = 1 if shared_mistake else 1 + v
+            probs = np.full(n_answers, (1 - pc) * (1 - f) / (n_answers - 2))
+            probs[0], probs[fav] = pc, (1 - pc) * f
+            views.append([str(a) for a in rng.choice(n_answers, size=G, p=probs / probs.sum())])
+        labels = (majority_vote(views[0]), pooled_majority_vote(*views), harmonic_mean_select(*views))
+        hits += [y == "0" for y in labels]
+        no_label += labels[2] is None
+    return hits / len(p_c), no_label / len(p_c)
+
+
+def _print_table(title, shared_mistake, n_questions=1000):
+    rng = np.random.default_rng(0)
+    print(f"\n{title}\n{'G':>4} {'MV':>7} {'pooled MV':>10} {'HMS':>7} {'HMS none':>9}")
+    for G in (4, 8, 16, 32, 64):
+        acc, none = _simulate(rng, G, n_questions, shared_mistake)
+        print(f"{G:>4} {acc[0]:>7.3f} {acc[1]:>10.3f} {acc[2]:>7.3f} {none:>9.3f}")
+
+
+if __name__ == "__main__":
+    print("Pseudo-label accuracy (share of questions whose label is the correct answer).")
+    print("Assumptions: p(correct) ~ U(0.10, 0.35) and the SAME in both views (view invariance);")
+    print("each view puts 50-90% of its wrong mass on one favourite wrong answer, the rest spread")
+    print("over 9 others; only questions with p(favourite wrong) > p(correct) are kept.")
+    print("1000 questions per row; a question left without a label (HMS none) counts as wrong.")
+    _print_table("1) each wording has its OWN favourite wrong answer (the reframing is independent):", False)
+    _print_table("2) both wordings share the SAME favourite wrong answer (HMS cannot help):", True)
+    print("\nMajority voting converges to the favourite wrong answer as G grows (the echo chamber).")
+    print("HMS recovers the correct answer only when the mistake depends on the wording.")

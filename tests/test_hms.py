@@ -1,0 +1,224 @@
+"""Tests for hms.py: answer extraction and normalisation on real benchmark answers, and the
+pseudo-label selectors on examples worked out by hand."""
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hms import (SELECTORS, _simulate, cross_select, extract_answer, extract_choice,
+                 harmonic_mean_select, hms_scores, majority_vote, normalize_answer,
+                 pooled_majority_vote, select_labels)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def read_jsonl(name):
+    path = DATA / name
+    assert path.is_file(), f"missing data file {path}: tests read ../shared/data next to the repo"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# (gold answer as it appears in the data, an equivalent way to write it)
+EQUAL = [
+    # MATH500
+    (r"\frac{1}{2}", "0.5"), (r"\frac{1}{2}", "1/2"), (r"\frac{1}{2}", r"\dfrac12"),
+    (r"\frac{1}{2}", r"\tfrac{1}{2}"), (r"\dfrac{17}{50}", "0.34"), (r"\dfrac{33}{100}", r"\frac{33}{100}"),
+    (r"\frac 34", "0.75"), (r"\frac 59", r"\frac{5}{9}"), (r"\frac14", ".25"), (r"\frac43", "4/3"),
+    (r"\frac9{19}", r"\dfrac{9}{19}"), (r"\frac{3840}{289}", r"\tfrac{3840}{289}"), (r"\frac65", "1.2"),
+    (r"-\frac{24}{25}", "-0.96"), (r"-\frac{3}{8}", r"\frac{-3}{8}"), (r"-\frac{35}{9}", "-35/9"),
+    (r"10,\!080", "10080"), (r"11,\! 111,\! 111,\! 100", "11111111100"), ("58,500", "58500"),
+    (r"\$32,\!348", "32348"), (r"\$32,\!348", "$32,348"), (r"\$18.90", "18.9"), (r"\$36", "36"),
+    (r"106^\circ", "106"), (r"120^\circ", r"120^{\circ}"), (r"90^\circ", r"90\text{ degrees}"),
+    (r"\frac{270}7\text{ degrees}", r"\frac{270}{7}"), (r"15\mbox{ cm}^2", "15"),
+    (r"864 \mbox{ inches}^2", "864"), (r"5.4 \text{ cents}", "5.4"), (r"5.4 \text{ cents}", r"\frac{27}{5}"),
+    ("x=5", "5"), ("x=5", "x = 5"), (r"x \in [-2,7]", "[-2, 7]"), ("y = -2x", "-2x"), ("y = 2x + 3", "2x+3"),
+    (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})"), (r"\left( \frac{3}{2}, -13 \right)", "(1.5,-13)"),
+    (r"\left(\frac{3}{5},\frac{8}{3}\right]", r"(0.6, \frac83]"), (r"(-\infty, 0]", r"\left(-\infty,0\right]"),
+    (r"\text{(B)}", "B"), (r"\text{(C)}", "(C)"), (r"\text{Evelyn}", "Evelyn"), (r"\text{east}", "east"),
+    (r"11\sqrt2", r"11\sqrt{2}"), (r"137 \frac{1}{2}", "137.5"), (r"1\frac{4}{5}", "1.8"),
+    ("4210_{5}", "4210_5"), ("2516_8", "2516_{8}"), (".35625", "0.35625"), (".0000672", r"\frac{42}{625000}"),
+    ("0.15", r"\frac{3}{20}"), ("1.25", r"\frac54"), ("3.21", "3.210"), ("4.5", r"\frac92"),
+    ("326.5", r"\frac{653}{2}"), ("3, 5, 7", "3,5,7"), ("-2 + 7i", "-2+7i"),
+    (r"3 \pm 2 \sqrt{2}", r"3\pm2\sqrt{2}"), (r"\frac{\sqrt{3}}{3}", r"\dfrac{\sqrt{3}}{3}"), (r"12\pi", r"12 \pi"),
+    (r"\begin{pmatrix} 1/5 \\ -18/5 \end{pmatrix}", r"\begin{pmatrix}\frac15\\-\frac{18}{5}\end{pmatrix}"),
+    ("10", "10.0"), ("0", "-0"), (r"\pi", r"\pi."),
+    # GSM8K: the clean answer and the raw one with thousands commas
+    ("2125", "2,125"), ("114200", "114,200"), ("1450000", "1,450,000"), ("18", "$18"), ("18", "18.00"),
+    # AIME 2024 (leading zeros) and AMC (float strings)
+    ("25", "025"), ("73", "073"), ("80", "080"), ("809", "809."), ("142", "142.0"), ("-4", "-4.0"), ("0", "0.0"),
+]
+
+# (gold answer as it appears in the data, a different answer that must stay different)
+DIFFERENT = [
+    (r"\sqrt{51}", "51"), (r"11\sqrt2", "11"), (r"11\sqrt2", "112"), (r"2\sqrt{5}", "2"),
+    ("(-1,6)", "(6,-1)"), ("(2,4)", "(4,2)"), ("-5", "5"), ("-2", "2"), ("(3,4]", "(3,4)"),
+    (r"(-\infty, 0]", r"(-\infty, 0)"), (r"(2,\infty)", r"[2,\infty)"), ("(a+5)(b+2)", "(a+5)(b-2)"),
+    (r"\frac{1}{2}", r"\frac{2}{1}"), (r"\frac{1}{2}", "2"), ("0.15", "0.015"), ("3.21", "321"),
+    (r"\frac{3}{56}", r"\frac{56}{3}"), (r"-\frac{\pi}{6}", r"\frac{\pi}{6}"), (r"12\pi", "12"),
+    ("2k", "2k+2"), ("x^3+3x-6", "x^3+3x+6"), (r"\text{(B)}", r"\text{(C)}"), (r"\text{even}", "odd"),
+    ("204_5", "204"), ("4210_{5}", "4210_6"), (r"90^\circ", "9"), ("1 - 12i", "1 + 12i"), ("6 - 5i", "6 - 5"),
+    (r"\$18.90", "18.09"),
+    (r"\begin{pmatrix} -1 & 0 \\ 0 & -1 \end{pmatrix}", r"\begin{pmatrix} -1 & 0 \\ 0 & 1 \end{pmatrix}"),
+    ("5x - 7y + 11z + 4 = 0", "5x - 7y + 11z - 4 = 0"), ("3R^2", "3R"), (r"8 \pi", "8"),
+    (r"\frac{20000}{\pi}", "20000"), (r"\{1\pm\sqrt{5},-2\}", r"\{1\pm\sqrt{5},2\}"),
+    (r"137 \frac{1}{2}", r"\frac{137}{2}"), (r"1\frac{4}{5}", r"\frac{4}{5}"),
+    ("18", "81"), ("2125", "212.5"), ("25", "0.25"), ("-4", "4"), ("58,500", "58.5"), ("1,-2", "1-2"),
+]
+
+
+def test_pair_tables_use_real_answers():
+    known = set()
+    for name in ("math500.jsonl", "gsm8k.jsonl", "aime24.jsonl", "amc.jsonl"):
+        for row in read_jsonl(name):
+            known.update({row["answer"], row.get("answer_raw", row["answer"])})
+    assert len(EQUAL) + len(DIFFERENT) >= 60
+    assert [gold for gold, _ in EQUAL + DIFFERENT if gold not in known] == []
+
+
+@pytest.mark.parametrize("gold, other", EQUAL)
+def test_equivalent_answers_normalise_equal(gold, other):
+    assert normalize_answer(gold) == normalize_answer(other)
+
+
+@pytest.mark.parametrize("gold, other", DIFFERENT)
+def test_different_answers_stay_different(gold, other):
+    assert normalize_answer(gold) != normalize_answer(other)
+
+
+def test_canonical_numeric_form():
+    # integers as integers, other rationals as reduced p/q with the sign in front
+    assert [normalize_answer(s) for s in ["025", "5.0", "-0.50", r"\frac{6}{4}", r"-\dfrac{3}{8}", "1,000"]] == \
+        ["25", "5", "-1/2", "3/2", "-3/8", "1000"]
+    assert normalize_answer("(1,2)") == "(1,2)" and normalize_answer("1, 2") == "1,2"  # commas of a tuple stay
+
+
+def test_every_math500_answer_round_trips_through_a_box():
+    rows = read_jsonl("math500.jsonl")
+    assert len(rows) == 500
+    for row in rows:
+        ans = row["answer"]
+        extracted = extract_answer("... so the answer is \\boxed{" + ans + "}")
+        assert extracted == ans
+        assert normalize_answer(extracted) == normalize_answer(ans) != ""
+        assert normalize_answer(normalize_answer(ans)) == normalize_answer(ans)  # a label re-normalises to itself
+
+
+def test_extract_answer_cases():
+    assert extract_answer(r"first \boxed{3}, then \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
+    assert extract_answer(r"\boxed{\{1, 2\}}") == r"\{1, 2\}"  # escaped braces do not close the box
+    assert extract_answer(r"so \boxed 5$.") == "5"
+    assert extract_answer(r"\fbox{7}") == "7"
+    assert extract_answer(r"\boxed{\boxed{5}}") == "5"
+    assert extract_answer(r"\boxed{4} (I was told to use \boxed{})") == "4"  # an empty box is not an answer
+    assert extract_answer(r"\boxed{4} but then \boxed{\frac{1}{2") is None  # cut off inside the last box
+    assert extract_answer("the answer is 4") is None
+    assert extract_answer("") is None
+
+
+def test_extract_choice():
+    assert extract_choice(r"\boxed{B}", 4) == "B"
+    assert extract_choice(r"\boxed{(C)}", 4) == "C"
+    assert extract_choice(r"\boxed{\text{D}}", 4) == "D"
+    assert extract_choice(r"\boxed{B. 42}", 4) == "B"
+    assert extract_choice(r"A is wrong because of B. So \boxed{C}", 4) == "C"
+    assert extract_choice(r"\boxed{\text{I think C}}", 4) == "C"  # "I" is not one of A..D
+    assert extract_choice(r"\boxed{E}", 4) is None
+    assert extract_choice(r"\boxed{E}", 10) == "E"
+    assert extract_choice(r"\boxed{42}", 4) is None
+    assert extract_choice("The answer is C", 4) is None
+
+
+# view 0: the wrong answer 9 is the majority; view 1: its own wrong answer 8 dominates
+VIEW0 = ["9"] * 5 + ["7"] * 3
+VIEW1 = ["8"] * 5 + ["7"] * 2 + ["9"]
+
+
+def test_hms_picks_the_answer_both_views_share_where_mv_fails():
+    # HM(7) = 2 (3/8)(2/8) / (5/8) = 3/10;  HM(9) = 2 (5/8)(1/8) / (6/8) = 5/24;  8 is absent from view 0
+    assert hms_scores(VIEW0, VIEW1) == pytest.approx({"7": 3 / 10, "9": 5 / 24})
+    assert harmonic_mean_select(VIEW0, VIEW1) == "7"
+    assert majority_vote(VIEW0) == "9"
+    assert pooled_majority_vote(VIEW0, VIEW1) == "9"  # 9: 6 votes, 8: 5, 7: 5
+    assert cross_select(VIEW0, VIEW1) == ("8", "9")
+
+
+def test_hms_scores_with_unequal_group_sizes():
+    # a: p0 = 2/3, p1 = 1/6 -> 4/15;  b: p0 = 1/3, p1 = 5/6 -> 10/21
+    assert hms_scores(["a", "a", "b"], ["a", "b", "b", "b", "b", "b"]) == pytest.approx({"a": 4 / 15, "b": 10 / 21})
+
+
+def test_none_counts_in_the_denominator_but_never_wins():
+    # p0(5) = 1/4, p1(5) = 2/4 -> HM = 2 (1/8) / (3/4) = 1/3
+    assert hms_scores(["5", None, None, None], ["5", "5", "6", "6"]) == pytest.approx({"5": 1 / 3})
+    assert majority_vote([None, None, "3"]) == "3"
+
+
+def test_hms_ties():
+    # b: (c0, c1) = (3, 6), a: (4, 4) with G = 16: both HM = 1/4; b has the larger p0 + p1 (9/16 > 8/16)
+    a0 = ["b"] * 3 + ["a"] * 4 + [None] * 9
+    a1 = ["b"] * 6 + ["a"] * 4 + [None] * 6
+    assert hms_scores(a0, a1) == {"a": 0.25, "b": 0.25}
+    assert harmonic_mean_select(a0, a1) == "b"
+    assert harmonic_mean_select(["y", "x"], ["x", "y"]) == "x"  # a full tie: the smaller string
+    assert majority_vote(["b", "a", "b", "a"]) == "a"
+
+
+def test_no_overlap_and_all_none():
+    assert harmonic_mean_select(["1", "1"], ["2", "2"]) is None
+    assert hms_scores(["1", "1"], ["2", "2"]) == {}
+    none = [None] * 4
+    assert harmonic_mean_select(none, none) is None
+    assert majority_vote(none) is None and pooled_majority_vote(none, none) is None
+    assert cross_select(none, none) == (None, None)
+    assert [select_labels(s, none, none, gold="1") for s in SELECTORS] == [(None, None)] * 4 + [("1", "1")]
+
+
+def test_select_labels():
+    assert SELECTORS == ("hms", "mv", "mv2", "cross", "gt")
+    assert select_labels("hms", VIEW0, VIEW1) == ("7", "7")
+    assert select_labels("mv", VIEW0, VIEW1) == ("9", "9")
+    assert select_labels("mv2", ["1", "1", "2"], ["2", "2", "3"]) == ("2", "2")
+    assert select_labels("cross", VIEW0, VIEW1) == ("8", "9")
+    assert select_labels("gt", VIEW0, VIEW1, gold=r"\dfrac12") == ("1/2", "1/2")
+    with pytest.raises(ValueError, match="needs the gold"):
+        select_labels("gt", VIEW0, VIEW1)
+    with pytest.raises(ValueError, match="hms, mv, mv2, cross, gt"):
+        select_labels("vote", VIEW0, VIEW1)
+
+
+def test_simulation_shows_the_echo_chamber_and_its_limit():
+    acc, _ = _simulate(np.random.default_rng(0), G=32, n_questions=200, shared_mistake=False)
+    assert acc[0] < 0.2 and acc[2] > 0.8  # MV locks onto the wrong answer; HMS recovers
+    acc, _ = _simulate(np.random.default_rng(0), G=32, n_questions=200, shared_mistake=True)
+    assert acc[2] < 0.2  # the same mistake in both views: HMS cannot help
+
+
+ADVERSARIAL = {
+    "no box": "no box here, just words " * 1000,
+    "unbalanced": r"\boxed{" + "{" * 5000 + "}" * 10,
+    "nested": r"\boxed{" * 5000 + "5" + "}" * 5000,
+    "1 MB": "The answer is {x} so \\frac{1}{2} " * 30_000 + r"\boxed{42}",
+    "10,000 {": "{" * 10_000,
+    "10,000 empty boxes": r"\boxed{}" * 10_000,
+}
+
+
+@pytest.mark.parametrize("name", ADVERSARIAL)
+@pytest.mark.parametrize("fn", [extract_answer, normalize_answer, lambda s: extract_choice(s, 4)])
+def test_adversarial_text_is_fast_and_never_raises(fn, name):
+    text = ADVERSARIAL[name]
+    best = float("inf")
+    for _ in range(3):  # best of three: the machine is shared
+        start = time.perf_counter()
+        fn(text)
+        best = min(best, time.perf_counter() - start)
+    assert best < 0.05
+
+
+def test_adversarial_answers():
+    assert extract_answer(ADVERSARIAL["nested"]) == "5"
+    assert extract_answer(ADVERSARIAL["1 MB"]) == "42"
+    for name in ("no box", "unbalanced", "10,000 {", "10,000 empty boxes"):
+        assert extract_answer(ADVERSARIAL[name]) is None

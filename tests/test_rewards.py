@@ -1,0 +1,127 @@
+"""Tests for rewards.py: the format score, the JSD diversity penalty and the fused reward, on
+values worked out by hand; and the fact that P_div cancels under group normalisation."""
+import math
+import time
+
+import numpy as np
+import pytest
+
+from rewards import div_penalty, format_score, fused_rewards, jsd, rewritten_problem, solve_rewards
+
+FULL = ("STRATEGY: make it concrete\nREWRITTEN PROBLEM: Ann has 3 apples and gets 4 more. How many?\n"
+        "SOLUTION: 3 + 4 = 7, so \\boxed{7}.")
+MARKDOWN = ("**STRATEGY:** work backward\n\n## Rewritten Problem:\nA train has 3 cars and adds 4.\n\n"
+            "**solution**: 3 + 4 = \\boxed{7}")
+PLACEHOLDERS = "STRATEGY: [...]\nREWRITTEN PROBLEM: <rewritten problem>\nSOLUTION: 3 + 4 = \\boxed{7}"
+WRONG = "STRATEGY: shift domain\nREWRITTEN PROBLEM: Ann has 3 apples and gets 4 more.\nSOLUTION: \\boxed{12}"
+
+
+def test_format_score():
+    assert format_score(FULL) == 1.0
+    assert format_score(MARKDOWN) == 1.0
+    assert format_score(PLACEHOLDERS) == pytest.approx(1 / 3)
+    assert format_score(FULL.replace("\\boxed{7}", "7")) == pytest.approx(2 / 3)  # no box in the solution
+    assert format_score("STRATEGY:\nREWRITTEN PROBLEM: x + 1 = 2?\nSOLUTION: \\boxed{1}") == pytest.approx(2 / 3)
+    assert format_score("3 + 4 = \\boxed{7}") == 0.0
+    assert format_score("") == 0.0
+
+
+def test_rewritten_problem():
+    assert rewritten_problem(FULL) == "Ann has 3 apples and gets 4 more. How many?"
+    assert rewritten_problem(MARKDOWN) == "A train has 3 cars and adds 4."
+    assert rewritten_problem(PLACEHOLDERS) is None
+    assert rewritten_problem("no sections at all") is None
+
+
+def test_jsd():
+    p = {"a": 0.25, "b": 0.75}
+    assert jsd(p, dict(p)) == pytest.approx(0.0, abs=1e-12)
+    assert jsd({"a": 1.0}, {"b": 1.0}) == pytest.approx(math.log(2), abs=1e-9)
+    # p = {a: 1}, q = {a: 1/2, b: 1/2}, m = {a: 3/4, b: 1/4}:
+    # KL(p||m) = ln(4/3), KL(q||m) = 1/2 ln(2/3) + 1/2 ln 2 = 1/2 ln(4/3) -> JSD = 3/4 ln(4/3)
+    expected = 0.75 * math.log(4 / 3)
+    assert jsd({"a": 1.0}, {"a": 0.5, "b": 0.5}) == pytest.approx(expected, abs=1e-9)
+    assert jsd({"a": 0.5, "b": 0.5}, {"a": 1.0}) == pytest.approx(expected, abs=1e-9)
+
+
+def test_div_penalty():
+    assert div_penalty(["7", "7", "12", "12"], ["12", "7", "12", "7"]) == pytest.approx(1.0)
+    assert div_penalty(["7", "7"], ["12", "3"]) == pytest.approx(0.0, abs=1e-9)
+    # the middle case of test_jsd: 1 - (3/4) log2(4/3) = 0.688722...
+    assert div_penalty(["a", "a"], ["a", "b"]) == pytest.approx(1 - 0.75 * math.log2(4 / 3))
+    assert div_penalty(["a", None, None], ["a", "a"]) == pytest.approx(1.0)  # None answers are dropped
+    assert div_penalty([None, None], ["a", "a"]) == 0.0  # an empty view: no evidence of copying
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        a0 = [str(x) for x in rng.integers(0, 4, size=rng.integers(1, 9))]
+        a1 = [str(x) for x in rng.integers(0, 4, size=rng.integers(1, 9))]
+        assert 0.0 <= div_penalty(a0, a1) <= 1.0
+
+
+def test_solve_rewards():
+    assert solve_rewards(["7", "8", None, "7"], "7") == [1.0, 0.0, 0.0, 1.0]
+    assert solve_rewards(["7", None], None) == [0.0, 0.0]
+
+
+# P_format: FULL 0, WRONG 0 (wrong answer), PLACEHOLDERS 2/3, bare answer 1
+TEXTS1 = [FULL, WRONG, PLACEHOLDERS, "3 + 4 = \\boxed{7}"]
+ANSWERS1 = ["7", "12", "7", "7"]
+SAME0 = ["7", "12", "7", "7"]  # the same distribution as view 1: P_div = 1
+
+
+def test_fused_rewards_gated():
+    # (1 - 0.1 P_format) (1 - 0.1 * 1) 1[a' = y*]
+    expected = [0.9, 0.0, (1 - 0.1 * 2 / 3) * 0.9, 0.9 * 0.9]
+    assert fused_rewards(TEXTS1, ANSWERS1, SAME0, "7") == pytest.approx(expected)
+    assert fused_rewards(TEXTS1, ANSWERS1, SAME0, "7", w_format=0, w_div=0) == [1.0, 0.0, 1.0, 1.0]
+    assert fused_rewards(TEXTS1, ANSWERS1, SAME0, "12") == pytest.approx([0.0, 0.9, 0.0, 0.0])
+
+
+def test_fused_rewards_additive():
+    # 1[a' = y*] + 0.1 (1 - P_format) + 0.1 (1 - 1)
+    expected = [1.1, 0.1, 1 + 0.1 / 3, 1.0]
+    assert fused_rewards(TEXTS1, ANSWERS1, SAME0, "7", mode="additive") == pytest.approx(expected)
+
+
+def test_fused_rewards_without_label_or_with_bad_arguments():
+    assert fused_rewards(TEXTS1, ANSWERS1, SAME0, None) == [0.0] * 4
+    assert fused_rewards(TEXTS1, ANSWERS1, SAME0, None, mode="additive") == [0.0] * 4
+    with pytest.raises(ValueError, match="gated, additive"):
+        fused_rewards(TEXTS1, ANSWERS1, SAME0, "7", mode="multiplicative")
+    with pytest.raises(ValueError):
+        fused_rewards(TEXTS1[:2], ANSWERS1, SAME0, "7")
+
+
+def test_div_penalty_cancels_under_group_normalisation():
+    view0 = ["7", "7", "12", "12"]  # p0 = (1/2, 1/2) vs p1 = (3/4, 1/4): 0 < P_div < 1
+    p_div = div_penalty(view0, ANSWERS1)
+    assert 0.0 < p_div < 1.0
+    gated_off, gated_on = (np.array(fused_rewards(TEXTS1, ANSWERS1, view0, "7", w_div=w)) for w in (0.0, 0.1))
+    np.testing.assert_allclose(gated_on, (1 - 0.1 * p_div) * gated_off)
+    centred = [r - r.mean() for r in (gated_off, gated_on)]
+    np.testing.assert_allclose(centred[0] / centred[0].std(), centred[1] / centred[1].std())  # cancels
+    assert not np.allclose(centred[0], centred[1])  # acts only without the std
+    add_off, add_on = (np.array(fused_rewards(TEXTS1, ANSWERS1, view0, "7", w_div=w, mode="additive"))
+                       for w in (0.0, 0.1))
+    np.testing.assert_allclose(add_on - add_off, 0.1 * (1 - p_div))  # a shift...
+    np.testing.assert_allclose(add_on - add_on.mean(), add_off - add_off.mean(), atol=1e-12)  # ...the mean removes
+
+
+ADVERSARIAL = {
+    "no box": "SOLUTION: no box here, just words " * 1000,
+    "unbalanced": "STRATEGY: x\nSOLUTION: \\boxed{" + "{" * 5000,
+    "nested": "SOLUTION: " + r"\boxed{" * 5000 + "5" + "}" * 5000,
+    "1 MB": "STRATEGY: a {b} c\nREWRITTEN PROBLEM: " + "a {b} \\frac{1}{2} " * 60_000 + "\nSOLUTION: \\boxed{1}",
+    "10,000 {": "{" * 10_000,
+    "1 MB of stars": "*" * 1_000_000,
+}
+
+
+@pytest.mark.parametrize("name", ADVERSARIAL)
+def test_format_score_on_adversarial_text_is_fast(name):
+    best = float("inf")
+    for _ in range(3):  # best of three: the machine is shared
+        start = time.perf_counter()
+        score = format_score(ADVERSARIAL[name])
+        best = min(best, time.perf_counter() - start)
+    assert 0.0 <= score <= 1.0 and best < 0.05
