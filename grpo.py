@@ -1,0 +1,269 @@
+"""
+GRPO, the policy update of one Self-Harmony step (METHOD.md step 6).
+
+Each rollout i of a group (one question, one view) has a reward r_i and gets the advantage
+    A_i = (r_i - mean(r)) / (std(r) + eps)
+shared by all its completion tokens t. The loss per completion token is
+    l_t = -min(rho_t A, clip(rho_t, 1 - eps_clip, 1 + eps_clip) A) + beta k3_t
+    rho_t = exp(logp_t - logp_old_t),   k3_t = exp(logp_ref_t - logp_t) - (logp_ref_t - logp_t) - 1
+and the step loss is the "token-mean": the sum of l_t over every completion token of the
+step (both views, all micro-batches, all ranks) divided by their count.
+
+As in the release: token-mean, k3 KL as a loss term (not folded into the reward), no entropy
+bonus, the unbiased std of torch.std, and ONE optimiser update per batch. So logp_old is the
+policy itself: rho = 1 in value and the clip never fires at the first and only pass. We use
+logp_old = logp.detach(), which has the same value and gradient as the release's separate
+no-grad forward and saves that forward; fill Rollouts.old_logp to run several passes.
+Options: scale="none" drops the std (Dr. GRPO); agg="seq-mean" averages within each sequence
+first; kl_coef=0 keeps no reference model. Departure: verl, under the release, clamps k3 to
+[-10, 10] and log rho to [-20, 20] and dual-clips negative advantages at rho = 3; we keep the
+plain formulas: at rho = 1 and a small KL none of those act.
+
+    python grpo.py     # a tiny random model learns to start its answer with one token
+"""
+import copy
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+
+
+def token_logprobs(model, input_ids, attention_mask, completion_mask, temperature=1.0,
+                   chunk=1024):
+    """logp[b, t] = log softmax(logits(x_<t) / temperature)[x_t] on completion tokens, else 0.
+
+    Aligned with input_ids: entry t scores token t given the tokens before it, so position 0
+    (no context) can't be a completion token. Positions come from the attention mask, as in the
+    sampler. Logits exist only for completion rows, `chunk` rows at a time: a float32 (B, T, V)
+    at V = 151k and T = 4k would be 2.5 GB a sequence.
+    """
+    assert not completion_mask[:, 0].any(), "token 0 has no context to be scored from"
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids, use_cache=False).last_hidden_state  # (B, T, H)
+    scored = completion_mask[:, 1:].bool()  # (B, T-1) targets x_1..x_{T-1}
+    h = hidden[:, :-1][scored]  # (N, H) the state that predicts each completion token
+    targets = input_ids[:, 1:][scored]  # (N,)
+    lm_head = model.get_output_embeddings()  # may share its weight with the embeddings
+
+    def chunk_logp(h, y):
+        logits = lm_head(h).float() / temperature  # (n, V)
+        return logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1)  # (n,)
+
+    parts = []
+    for i in range(0, len(targets), chunk):
+        h_i, y_i = h[i:i + chunk], targets[i:i + chunk]
+        if torch.is_grad_enabled():
+            # recompute the chunk's logits in backward rather than keep all of them alive
+            parts.append(checkpoint(chunk_logp, h_i, y_i, use_reentrant=False))
+        else:
+            parts.append(chunk_logp(h_i, y_i))
+    logp = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)  # (N,)
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)  # (B, T)
+    return out.masked_scatter(completion_mask.bool(), logp)
+
+
+def group_advantages(rewards, group_size, eps=1e-6, scale="std"):
+    """A_i = (r_i - mean(r)) / (std(r) + eps) within each contiguous group of group_size.
+
+    std is torch.std, the unbiased one (divides by G - 1), as the release (verl) does.
+    scale="none" gives A_i = r_i - mean(r) (Dr. GRPO). With scale="std", multiplying a
+    group's rewards by c > 0 leaves A unchanged: a per-question factor such as the diversity
+    penalty (1 - w_d P_div) cancels here.
+    """
+    assert group_size > 1, "an advantage needs a group to compare against"
+    r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)  # (n_groups, G)
+    A = r - r.mean(-1, keepdim=True)
+    if scale == "std":
+        A = A / (r.std(-1, keepdim=True) + eps)
+    else:
+        assert scale == "none", scale
+    return A.view(-1)
+
+
+def count_flat_groups(rewards, group_size):
+    """Number of groups whose rewards are all equal: their advantages are 0, no gradient."""
+    r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)  # (n_groups, G)
+    return int((r == r[:, :1]).all(-1).sum())
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, kl_coef=0.005,
+              agg="token-mean", n_tokens=None, n_seqs=None):
+    """Clipped surrogate + beta k3 over completion tokens (formulas in the module docstring).
+
+    logp, old_logp, ref_logp, mask: (B, T); advantages: (B,). ref_logp may be None if kl_coef == 0.
+    "token-mean": sum_t l_t / n_tokens; "seq-mean": sum_b mean_t(l_bt) / n_seqs. The
+    denominators default to this batch's, and must be the whole step's under accumulation.
+    Returns (loss, stats) with stats averaged over this batch's completion tokens.
+    """
+    mask = mask.bool()
+    A = advantages[:, None].to(logp.dtype)  # (B, 1)
+    # select, don't multiply: padding may hold anything, and 0 * inf is NaN
+    log_rho = torch.where(mask, logp - old_logp, 0.0)  # (B, T)
+    rho = log_rho.exp()
+    rho_clipped = rho.clamp(1 - clip_eps, 1 + clip_eps)
+    pg = -torch.minimum(rho * A, rho_clipped * A)  # (B, T)
+    per_token = pg
+    if kl_coef != 0:
+        d = torch.where(mask, ref_logp - logp, 0.0)  # (B, T)
+        k3 = d.exp() - d - 1
+        per_token = pg + kl_coef * k3
+    per_token = torch.where(mask, per_token, 0.0)  # (B, T)
+
+    if agg == "token-mean":
+        loss = per_token.sum() / (mask.sum() if n_tokens is None else n_tokens)
+    elif agg == "seq-mean":
+        seq_mean = per_token.sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
+        loss = seq_mean.sum() / (mask.shape[0] if n_seqs is None else n_seqs)
+    else:
+        raise ValueError(agg)
+
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        stats = {
+            "clip_frac": ((rho_clipped * A < rho * A) & mask).sum().item() / n.item(),
+            "ratio": rho[mask].sum().item() / n.item(),
+            "kl": (k3[mask].sum().item() / n.item()) if kl_coef != 0 else 0.0,
+        }
+    return loss, stats
+
+
+@dataclass
+class Rollouts:
+    """A padded batch of prompt+completion rows, one rollout a row, ready for step()."""
+    input_ids: torch.Tensor  # (B, T) prompt left-padded, completion right-padded
+    attention_mask: torch.Tensor  # (B, T) 1 on real tokens
+    completion_mask: torch.Tensor  # (B, T) 1 on completion tokens, from lengths (EOS included)
+    advantages: torch.Tensor  # (B,)
+    old_logp: torch.Tensor | None = None  # (B, T) None: the policy at the first pass
+    ref_logp: torch.Tensor | None = None  # (B, T) None: computed by step() from ref_model
+
+    def micro_batches(self, size):
+        """Row slices of `size`, without the columns that are padding in every row (exact:
+        such a column is attended by no one and leaves the cumsum positions unchanged)."""
+        for i in range(0, len(self.advantages), size):
+            rows = slice(i, i + size)
+            keep = self.attention_mask[rows].bool().any(0)  # (T,)
+
+            def cut(x):
+                return None if x is None else x[rows][:, keep] if x.dim() == 2 else x[rows]
+            yield Rollouts(*(cut(getattr(self, f.name)) for f in fields(self)))
+
+
+def make_reference(model, kl_coef):
+    """A frozen copy of the starting policy for the k3 term; None (no memory) when kl_coef == 0."""
+    if kl_coef == 0:
+        return None
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def make_optimizer(model, lr=3e-6, weight_decay=0.01, betas=(0.9, 0.999)):
+    """AdamW on every trainable weight; the release decays all of them, norms and biases too."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                             lr=lr, weight_decay=weight_decay, betas=betas)
+
+
+def lr_schedule(step, total_steps, warmup_frac=0.1):
+    """lr multiplier: linear warm-up over warmup_frac of the steps, then cosine to 0.
+
+    Use as torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_schedule(s, total_steps)).
+    The release's warm-up starts at 0, which wastes the first batch; ours starts at 1/warmup.
+    """
+    warmup = max(1, round(warmup_frac * total_steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def accumulate_gradients(model, rollouts, micro_batch_size, ref_model=None, clip_eps=0.2,
+                         kl_coef=0.005, temperature=1.0, agg="token-mean"):
+    """Backward of the step's loss, micro-batch by micro-batch, into model's .grad.
+
+    Each micro-batch divides by the whole step's denominator (fixed before the first
+    backward), so the sum of their gradients is the gradient of the full batch, however split.
+    """
+    n_tokens = rollouts.completion_mask.sum().float()
+    n_seqs = torch.tensor(float(len(rollouts.advantages)))
+    if dist.is_initialized():
+        # the global count, so that each rank's loss is its share of the global mean and
+        # summing gradients over ranks (step() does) gives the global token-mean gradient
+        device = rollouts.input_ids.device
+        n_tokens, n_seqs = n_tokens.to(device), n_seqs.to(device)
+        dist.all_reduce(n_tokens)
+        dist.all_reduce(n_seqs)
+    totals = {"loss": 0.0, "clip_frac": 0.0, "ratio": 0.0, "kl": 0.0}
+    n_local = rollouts.completion_mask.sum().item()
+    for mb in rollouts.micro_batches(micro_batch_size):
+        args = (mb.input_ids, mb.attention_mask, mb.completion_mask, temperature)
+        logp = token_logprobs(model, *args)  # (b, t)
+        old_logp = logp.detach() if mb.old_logp is None else mb.old_logp
+        ref_logp = mb.ref_logp
+        if kl_coef != 0 and ref_logp is None:
+            assert ref_model is not None, "kl_coef > 0 needs ref_model or Rollouts.ref_logp"
+            with torch.no_grad():
+                ref_logp = token_logprobs(ref_model, *args)  # (b, t)
+        loss, stats = grpo_loss(logp, old_logp, ref_logp, mb.advantages, mb.completion_mask,
+                                clip_eps, kl_coef, agg, n_tokens, n_seqs)
+        loss.backward()
+        totals["loss"] += loss.item()
+        weight = mb.completion_mask.sum().item() / max(1, n_local)
+        for k in ("clip_frac", "ratio", "kl"):
+            totals[k] += stats[k] * weight
+    return totals
+
+
+def step(model, optimizer, rollouts, micro_batch_size, ref_model=None, scheduler=None,
+         max_grad_norm=1.0, **loss_kwargs):
+    """One optimiser update on a batch of rollouts; returns loss, grad norm, clip frac, KL, lr.
+
+    Under torchrun pass the bare model, not a DDP wrapper: the scoring forward goes through
+    model.get_decoder(), and this function sums the gradients over ranks itself.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    stats = accumulate_gradients(model, rollouts, micro_batch_size, ref_model, **loss_kwargs)
+    if dist.is_initialized():
+        # a SUM, not an average: each rank's loss already carries the global denominator
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm).item()
+    stats["lr"] = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats
+
+
+if __name__ == "__main__":
+    # sample.py's tiny random byte-level model; reward 1 when a completion starts with `target`
+    from sample import generate, load_model
+    torch.manual_seed(0)
+    model, tokenizer = load_model("tiny")
+    prompt = tokenizer("Say a letter:").input_ids
+    G, L, steps = 16, 4, 20
+    with torch.no_grad():
+        p0 = model(torch.tensor([prompt])).logits[0, -1].softmax(-1)  # (V,)
+    visible = tokenizer.convert_tokens_to_ids([chr(c) for c in range(33, 127)])
+    target = max(visible, key=lambda i: p0[i])  # the likeliest printable byte, still rare
+    print(f"target {tokenizer.decode([target])!r}, G={G}, {L} tokens a completion")
+    optimizer = make_optimizer(model, lr=2e-3)  # toy lr: the release's 3e-6 is for 1.7B weights
+    ref_model = make_reference(model, kl_coef=0.005)
+    for it in range(steps + 1):
+        completions = generate(model.eval(), [prompt], L, n=G)  # no stop ids: every row has L tokens
+        with torch.no_grad():
+            p = model(torch.tensor([prompt])).logits[0, -1].softmax(-1)[target].item()
+        rewards = torch.tensor([float(c[0] == target) for c in completions])  # (G,)
+        if it % 4 == 0:
+            print(f"step {it:2d}  p(target first) {p:.3f} ({p / p0[target]:4.1f}x)  "
+                  f"mean reward {rewards.mean():.2f}  e.g. {tokenizer.decode(completions[0])!r}")
+        if it == steps:
+            break
+        ids = torch.tensor([prompt + c for c in completions])  # (G, P + L)
+        completion_mask = torch.zeros_like(ids)
+        completion_mask[:, len(prompt):] = 1
+        batch = Rollouts(ids, torch.ones_like(ids), completion_mask, group_advantages(rewards, G))
+        step(model.train(), optimizer, batch, micro_batch_size=8, ref_model=ref_model)

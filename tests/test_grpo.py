@@ -1,0 +1,277 @@
+"""Tests for grpo.py: references are naive float64 loops, finite differences and hand values."""
+import copy
+import math
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from grpo import (Rollouts, accumulate_gradients, count_flat_groups, group_advantages,
+                  grpo_loss, lr_schedule, make_optimizer, make_reference, step, token_logprobs)
+
+V = 64
+
+
+def tiny_model(seed=0, tie=False):
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=tie))
+
+
+def pad_batch(prompts, completions, pad_id=0):
+    """Left-pad prompts, right-pad completions; masks from lengths only, never token values."""
+    P = max(map(len, prompts))
+    C = max(map(len, completions))
+    ids = torch.full((len(prompts), P + C), pad_id)
+    attn = torch.zeros_like(ids)
+    comp = torch.zeros_like(ids)
+    for b, (p, c) in enumerate(zip(prompts, completions)):
+        ids[b, P - len(p):P + len(c)] = torch.tensor(p + c)
+        attn[b, P - len(p):P + len(c)] = 1
+        comp[b, P:P + len(c)] = 1
+    return ids, attn, comp
+
+
+def random_batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    lens = [(3, 5), (6, 2), (1, 7), (4, 4)]
+    prompts = [torch.randint(1, V, (p,), generator=g).tolist() for p, _ in lens]
+    completions = [torch.randint(1, V, (c,), generator=g).tolist() for _, c in lens]
+    return prompts, completions
+
+
+# ----------------------------------------------------------------------------- token_logprobs
+
+def sample_model(name):
+    sample = pytest.importorskip("sample")
+    return sample.load_model(name)[0]
+
+
+@pytest.mark.parametrize("make_model", [
+    lambda: tiny_model(tie=False), lambda: tiny_model(tie=True),
+    lambda: sample_model("tiny"), lambda: sample_model("tiny-llama")],
+    ids=["qwen3", "qwen3-tied", "sample-tiny", "sample-tiny-llama"])
+def test_token_logprobs_equals_full_log_softmax(make_model):
+    model = make_model()
+    ids, attn, comp = pad_batch(*random_batch())
+    T = 0.7
+    with torch.no_grad():
+        logp = token_logprobs(model, ids, attn, comp, temperature=T, chunk=3)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        full = (model(ids, attention_mask=attn, position_ids=pos).logits.double() / T)
+        full = full.log_softmax(-1)  # (B, T, V)
+    want = torch.zeros(ids.shape, dtype=torch.float64)
+    want[:, 1:] = full[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    want = torch.where(comp.bool(), want, 0.0)
+    torch.testing.assert_close(logp.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_token_logprobs_left_padded_equals_one_by_one():
+    model = tiny_model()
+    prompts, completions = random_batch()
+    ids, attn, comp = pad_batch(prompts, completions)
+    logp = token_logprobs(model, ids, attn, comp)
+    for b, (p, c) in enumerate(zip(prompts, completions)):
+        one = torch.tensor([p + c])
+        one_comp = torch.zeros_like(one)
+        one_comp[:, len(p):] = 1
+        with torch.no_grad():
+            alone = token_logprobs(model, one, torch.ones_like(one), one_comp)[0, len(p):]
+        torch.testing.assert_close(logp[b][comp[b].bool()].detach(), alone, atol=1e-5, rtol=1e-5)
+    # padded rows must not leak NaN into the gradient
+    logp.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_eos_equal_to_pad_stays_in_the_loss():
+    eos = pad = 0
+    model = tiny_model()
+    # row 0 ends with EOS, which is also the pad id; row 1 is longer and pads row 0 on the right
+    ids, attn, comp = pad_batch([[7, 8, 9], [3, 4]], [[11, 12, eos], [13, 14, 15, 16, eos]], pad)
+    eos_pos = 5
+    assert ids[0, eos_pos] == eos and comp[0, eos_pos] == 1 and comp[0, eos_pos + 1] == 0
+    logp = token_logprobs(model, ids, attn, comp)
+    logp.retain_grad()
+    assert logp[0, eos_pos] < 0  # scored, not zeroed like padding
+    loss, _ = grpo_loss(logp, logp.detach(), None, torch.tensor([1.0, -1.0]), comp, kl_coef=0)
+    loss.backward()
+    assert logp.grad[0, eos_pos] != 0 and logp.grad[0, eos_pos + 1] == 0
+
+
+# ----------------------------------------------------------------------------- advantages
+
+def test_group_advantages_by_hand():
+    s = math.sqrt(3) / 2  # (1 - 0.5) / sqrt(1/3): unbiased std of [1, 0, 0, 1] is sqrt(1/3)
+    torch.testing.assert_close(group_advantages([1, 0, 0, 1], 4), torch.tensor([s, -s, -s, s]))
+    h = 0.5 / math.sqrt(0.5)  # groups [1, 0] and [0, 1]: std sqrt(1/2)
+    torch.testing.assert_close(group_advantages([1, 0, 0, 1], 2), torch.tensor([h, -h, -h, h]))
+    torch.testing.assert_close(group_advantages([1, 0, 0, 0], 4, scale="none"),
+                               torch.tensor([0.75, -0.25, -0.25, -0.25]))
+    assert group_advantages([1, 1, 0, 0], 2).abs().max() == 0
+    assert count_flat_groups([1, 1, 0, 0, 1, 0], 2) == 2
+
+
+def test_per_question_factor_cancels_under_std_only():
+    rewards = torch.tensor([1.0, 0, 1, 1, 0, 1, 0, 0])
+    scaled = rewards.clone()
+    scaled[:4] *= 0.9  # e.g. (1 - w_d P_div) of question 0
+    torch.testing.assert_close(group_advantages(scaled, 4), group_advantages(rewards, 4))
+    assert not torch.allclose(group_advantages(scaled, 4, scale="none"),
+                              group_advantages(rewards, 4, scale="none"))
+
+
+# ----------------------------------------------------------------------------- grpo_loss
+
+def naive_loss(logp, old, ref, A, mask, clip_eps, kl_coef, agg):
+    B, T = len(logp), len(logp[0])
+    seq_losses, total, count = [], 0.0, 0
+    for b in range(B):
+        s, n = 0.0, 0
+        for t in range(T):
+            if not mask[b][t]:
+                continue
+            rho = math.exp(logp[b][t] - old[b][t])
+            clipped = min(max(rho, 1 - clip_eps), 1 + clip_eps)
+            l = -min(rho * A[b], clipped * A[b])
+            if kl_coef:
+                d = ref[b][t] - logp[b][t]
+                l += kl_coef * (math.exp(d) - d - 1)
+            s, n = s + l, n + 1
+        total, count = total + s, count + n
+        seq_losses.append(s / max(n, 1))
+    return total / count if agg == "token-mean" else sum(seq_losses) / B
+
+
+def random_loss_inputs(spread, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, T = 4, 6
+    logp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    old = logp + spread * torch.randn(B, T, generator=g, dtype=torch.float64)
+    ref = logp + 0.5 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    A = torch.randn(B, generator=g, dtype=torch.float64)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, (start, end) in enumerate([(1, 6), (3, 5), (2, 3), (0, 6)]):
+        mask[b, start:end] = True
+    logp[~mask] = float("nan")  # padding may hold garbage; it must not leak
+    return logp, old, ref, A, mask
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean"])
+@pytest.mark.parametrize("kl_coef", [0.0, 0.1])
+@pytest.mark.parametrize("spread", [0.01, 0.5])  # 0.5: many tokens beyond the clip range
+def test_grpo_loss_equals_naive_loop(agg, kl_coef, spread):
+    logp, old, ref, A, mask = random_loss_inputs(spread)
+    loss, stats = grpo_loss(logp, old, ref if kl_coef else None, A, mask, 0.2, kl_coef, agg)
+    want = naive_loss(logp.tolist(), old.tolist(), ref.tolist(), A.tolist(), mask.tolist(),
+                      0.2, kl_coef, agg)
+    assert math.isclose(loss.item(), want, rel_tol=1e-12)
+    assert (stats["clip_frac"] > 0.2) == (spread == 0.5)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean"])
+def test_grpo_loss_gradient_matches_finite_differences(agg):
+    logp, old, ref, A, mask = random_loss_inputs(0.3, seed=3)
+    logp = torch.where(mask, logp, -1.0).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x: grpo_loss(x, old, ref, A, mask, 0.2, 0.1, agg)[0], (logp,))
+
+
+def test_kl_is_zero_when_reference_is_the_policy():
+    logp, old, _, A, mask = random_loss_inputs(0.1)
+    with_kl, stats = grpo_loss(logp, old, logp.clone(), A, mask, kl_coef=0.5)
+    without, _ = grpo_loss(logp, old, None, A, mask, kl_coef=0.0)
+    assert stats["kl"] == 0 and with_kl.item() == without.item()
+
+
+def test_clipping_stops_the_gradient_beyond_the_range():
+    rho = torch.tensor([1.3, 0.7, 1.1, 0.9], dtype=torch.float64)
+    old = torch.zeros(2, 4, dtype=torch.float64)
+    logp = rho.log().repeat(2, 1).requires_grad_()  # (2, 4): row 0 has A = +1, row 1 A = -1
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    loss, stats = grpo_loss(logp, old, None, torch.tensor([1.0, -1.0]), mask, 0.2, 0.0)
+    loss.backward()
+    clipped = torch.tensor([[True, False, False, False],   # A > 0: only rho > 1 + eps is clipped
+                            [False, True, False, False]])  # A < 0: only rho < 1 - eps is clipped
+    assert (logp.grad[clipped] == 0).all() and (logp.grad[~clipped] != 0).all()
+    assert stats["clip_frac"] == 2 / 8
+
+
+# ----------------------------------------------------------------------------- step
+
+def rollouts_for(model, seed=1):
+    ids, attn, comp = pad_batch(*random_batch(seed))
+    with torch.no_grad():
+        logp = token_logprobs(model, ids, attn, comp)
+    g = torch.Generator().manual_seed(seed)
+    old = torch.where(comp.bool(), logp + 0.3 * torch.randn(logp.shape, generator=g), 0.0)
+    return Rollouts(ids, attn, comp, torch.tensor([1.2, -0.4, 0.3, -1.1]), old_logp=old)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean"])
+def test_micro_batching_does_not_change_loss_or_gradients(agg):
+    model = tiny_model(tie=True)  # the tied head takes gradient from both of its uses
+    ref_model = tiny_model(seed=5)  # a different reference so the KL term is not zero
+    batch = rollouts_for(model)
+    results = []
+    for size in (4, 2, 1):
+        model.zero_grad(set_to_none=True)
+        stats = accumulate_gradients(model, batch, size, ref_model, kl_coef=0.1, agg=agg)
+        results.append((stats, [p.grad.clone() for p in model.parameters()]))
+    (s0, g0), rest = results[0], results[1:]
+    assert s0["clip_frac"] > 0 and s0["kl"] > 0
+    for s, g in rest:
+        for k in s0:
+            assert math.isclose(s[k], s0[k], rel_tol=1e-5, abs_tol=1e-7), k
+        for a, b in zip(g, g0):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_step_updates_and_reports():
+    model = tiny_model()
+    assert make_reference(model, 0.0) is None
+    ref_model = make_reference(model, 0.005)
+    assert not any(p.requires_grad for p in ref_model.parameters())
+    before = copy.deepcopy(model.state_dict())
+    opt = make_optimizer(model, lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_schedule(s, 10))
+    batch = rollouts_for(model)
+    batch.old_logp = None  # the release's single pass: rho = 1, nothing clipped, KL 0
+    stats = step(model, opt, batch, 2, ref_model, sched)
+    assert stats["clip_frac"] == 0 and abs(stats["ratio"] - 1) < 1e-6 and stats["kl"] == 0
+    assert stats["grad_norm"] > 0 and stats["lr"] == 1e-3 and opt.param_groups[0]["lr"] == 1e-3
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_lr_schedule():
+    f = [lr_schedule(s, 100, 0.1) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[10] == 1.0
+    assert f[55] == pytest.approx(0.5) and f[99] < 0.01
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+def test_learning_signal_raises_rewarded_first_token():
+    model = tiny_model(seed=2)
+    prompt, G, L = torch.tensor([[5, 17, 42, 8]]), 16, 3
+
+    def p_first():
+        with torch.no_grad():
+            return model(prompt).logits[0, -1].softmax(-1)  # (V,)
+
+    p0 = p_first()
+    target = int(p0.argsort()[V // 2])  # a middling token, p ~ 1/V
+    opt = make_optimizer(model, lr=1e-2)
+    torch.manual_seed(0)
+    for _ in range(25):
+        ids = prompt.repeat(G, 1)
+        with torch.no_grad():
+            for _ in range(L):
+                next_id = torch.multinomial(model(ids).logits[:, -1].softmax(-1), 1)  # (G, 1)
+                ids = torch.cat([ids, next_id], 1)
+        comp = torch.zeros_like(ids)
+        comp[:, prompt.shape[1]:] = 1
+        rewards = (ids[:, prompt.shape[1]] == target).float()
+        step(model, opt, Rollouts(ids, torch.ones_like(ids), comp, group_advantages(rewards, G)),
+             micro_batch_size=8, kl_coef=0.0)
+    assert p_first()[target] > 4 * p0[target]
