@@ -1,0 +1,394 @@
+"""
+Evaluation: how often the model's boxed answer matches a benchmark's gold answer.
+
+Every question is rendered with the solver prompt (the same one the training loop uses), sampled
+k times, and each completion is graded by the project's one normal form (hms.extract_answer,
+hms.normalize_answer, hms.extract_choice), so a vote while training and a grade here agree.
+Ground-truth answers are used only here (and by the `gt` selector), never to train.
+
+Metrics over Q questions with k samples each, c_qj = 1 if sample j of question q is right:
+    mean@k = 1/Q sum_q 1/k sum_j c_qj          (the paper's headline number, k = 16, T = 0.8, top-p 0.95)
+    maj@k  = 1/Q sum_q 1[majority_vote(a_q1..a_qk) = gold_q]   (a = normalised answer; None never wins)
+    pass@k = 1/Q sum_q max_j c_qj              (any of the k samples right)
+    greedy = accuracy of one temperature-0 completion a question
+They are reported overall and per group (MATH500: subject and level; MMLU-Pro: category; GPQA: domain).
+
+Departures: pass@k is the plain "any of the k drawn samples", not the unbiased estimator of
+Chen et al. (2021) for k < n. The paper's GPQA row implies 197 questions; this loads the public 198.
+MMLU-Pro defaults to the 70-question validation split the paper's numbers imply (`mmlu_pro_test`
+is the 12032-question test split). `arith` is this project's own generated task for the CPU demo.
+
+Run it:
+    python eval.py --model smollm2 --data arith --n 8 --max-new-tokens 64
+    python eval.py --model Qwen/Qwen3-1.7B-Base --data math500 --data-dir ../shared/data --n 16 --greedy
+"""
+
+import argparse
+import functools
+import json
+import os
+import random
+import re
+import urllib.request
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import hms
+import sample
+
+# -----------------------------------------------------------------------------
+# Benchmarks
+
+FILES = {  # benchmark name -> file in the data folder (schema: shared/data/README.md)
+    "math500": "math500.jsonl", "gsm8k": "gsm8k.jsonl", "aime24": "aime24.jsonl", "amc": "amc.jsonl",
+    "gpqa": "gpqa_diamond.jsonl", "mmlu_pro": "mmlu_pro_validation.jsonl", "mmlu_pro_test": "mmlu_pro_test.jsonl",
+}
+CACHE = Path(os.environ.get("SELFHARMONY_CACHE", Path.home() / ".cache" / "selfharmony")) / "data"
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _split_options(text):
+    """The harness stores the question then exactly 10 lines 'A. x' .. 'J. y': (question, [x, .., y])."""
+    lines = text.split("\n")
+    return "\n".join(lines[:-10]), [line[3:] for line in lines[-10:]]
+
+
+# Public JSON Lines sources for machines that are online, each with its conversion to the schema.
+# AMC, GPQA and the MMLU-Pro test split have no plain JSON source (parquet, CSV, zip): pass a folder.
+SOURCES = {
+    "math500": ("https://huggingface.co/datasets/HuggingFaceH4/MATH-500/resolve/main/test.jsonl",
+                lambda r, i: dict(id=r["unique_id"], problem=r["problem"], answer=r["answer"], source="math500",
+                                  subject=r["subject"], level=int(r["level"]))),
+    "gsm8k": ("https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/test.jsonl",
+              lambda r, i: dict(id=f"gsm8k-test-{i:04d}", problem=r["question"], source="gsm8k",
+                                answer=r["answer"].split("####")[-1].strip().replace(",", ""))),
+    "aime24": ("https://raw.githubusercontent.com/QwenLM/Qwen2.5-Math/main/evaluation/data/aime24/test.jsonl",
+               lambda r, i: dict(id=f"aime24-{i:02d}", problem=r["problem"], answer=str(int(r["answer"])),
+                                 source="aime24")),
+    "mmlu_pro": ("https://raw.githubusercontent.com/Zhuofeng-Li/math-evaluation-harness/main/data/mmlu_pro/test.jsonl",
+                 lambda r, i: dict(id=f"mmlu-pro-val-{i}", problem=_split_options(r["question"])[0],
+                                   choices=_split_options(r["question"])[1], answer=r["answer"], source="mmlu_pro")),
+}
+
+
+def check_row(row, where):
+    """Raise a one-line ValueError naming `where` (file:line) unless row follows the schema."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: a row must be a JSON object")
+    for key in ("id", "problem", "answer"):
+        if key not in row or not isinstance(row[key], (str, int, float)):
+            raise ValueError(f"{where}: missing or non-scalar {key!r}")
+    if "choices" in row:
+        if not isinstance(row["choices"], list) or not row["choices"]:
+            raise ValueError(f"{where}: 'choices' must be a non-empty list")
+        if str(row["answer"]) not in LETTERS[: len(row["choices"])]:
+            raise ValueError(f"{where}: answer {row['answer']!r} is not a letter A-{LETTERS[len(row['choices']) - 1]}")
+
+
+def read_jsonl(path):
+    """Rows of a JSON Lines file in the schema; blank lines are skipped, ids must be unique."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such data file: {path}")
+    rows, seen = [], set()
+    # split on "\n" only: str.splitlines would also cut at the U+2028 that some problems contain
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+        check_row(row, where)
+        row["id"], row["answer"] = str(row["id"]), str(row["answer"])  # ids and answers are compared as strings
+        if row["id"] in seen:
+            raise ValueError(f"{where}: duplicate id {row['id']!r}")
+        seen.add(row["id"])
+        rows.append(row)
+    return rows
+
+
+def download(name):
+    """Fetch a benchmark's public source once into the cache, converted to the schema; its path."""
+    path = CACHE / FILES[name]
+    if path.is_file():
+        return path
+    if name not in SOURCES:
+        raise FileNotFoundError(f"{name}: no JSON source to download; pass --data-dir DIR or set SELFHARMONY_DATA")
+    url, convert = SOURCES[name]
+    try:
+        with urllib.request.urlopen(url, timeout=30) as f:
+            lines = [json.loads(line) for line in f.read().decode("utf-8").split("\n") if line.strip()]
+    except OSError as e:  # URLError and timeouts are OSErrors
+        raise FileNotFoundError(f"cannot download {name} ({e}); offline? pass --data-dir DIR or set SELFHARMONY_DATA") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(convert(r, i)) + "\n" for i, r in enumerate(lines)), encoding="utf-8")
+    os.replace(tmp, path)  # atomic: an interrupted download leaves no half file in the cache
+    return path
+
+
+def load_benchmark(name, data_dir=None, *, n=16, seed=0, level=1):
+    """
+    Rows {id, problem, answer, source, [choices], ...} of a benchmark (a name in FILES), of any
+    schema file (a path ending in .jsonl), or of the generated `arith` task (n, seed, level).
+    The folder is data_dir, else $SELFHARMONY_DATA, else the public source is downloaded.
+    """
+    if str(name).endswith(".jsonl"):
+        return read_jsonl(name)
+    if name == "arith":
+        return make_arith(n, seed, level)
+    if name not in FILES:
+        raise ValueError(f"unknown benchmark {name!r}: use one of {', '.join([*FILES, 'arith'])} or a .jsonl path")
+    data_dir = data_dir or os.environ.get("SELFHARMONY_DATA")
+    return read_jsonl(Path(data_dir) / FILES[name] if data_dir else download(name))
+
+
+# -----------------------------------------------------------------------------
+# arith: arithmetic questions made here, each with a second wording (the `--reframe given` view)
+
+NAMES = ["Tom", "Ana", "Omar", "Mia", "Kai", "Lena"]
+ITEMS = ["apples", "marbles", "stickers", "books", "coins", "shells"]
+STORIES = {  # ops -> the same computation told as a story, numbers in the order of `numbers`
+    ("+",): "{name} has {0} {item} and is given {1} more. How many {item} does {name} have now?",
+    ("-",): "{name} has {0} {item} and gives {1} of them away. How many {item} does {name} have left?",
+    ("+", "-"): "{name} has {0} {item}, finds {1} more, then loses {2}. How many {item} does {name} have at the end?",
+}
+
+
+def make_arith(n=16, seed=0, level=1):
+    """
+    n distinct questions "What is a + b?" (level 1: one-digit sums), "What is a - b?" or
+    "What is a + b?" (level 2: two-digit, no negative results) or "What is a + b - c?" (level 3:
+    two-digit, two steps). `reframed` tells the same numbers as a story about a person and things.
+    The same (n, seed, level) gives the same rows; a smaller n gives a prefix of them.
+    """
+    if level not in (1, 2, 3):
+        raise ValueError(f"arith level must be 1, 2 or 3, got {level}")
+    if level == 1 and n > 81:
+        raise ValueError(f"arith level 1 has only 81 distinct questions, asked for {n}")
+    rng, rows, seen = random.Random(seed), [], set()
+    while len(rows) < n:
+        if level == 1:
+            ops, nums = ("+",), [rng.randint(1, 9), rng.randint(1, 9)]
+        elif level == 2:
+            ops, nums = (rng.choice("+-"),), sorted([rng.randint(10, 99), rng.randint(10, 99)], reverse=True)
+        else:
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+            ops, nums = ("+", "-"), [a, b, rng.randint(10, min(99, a + b))]
+        name, item = rng.choice(NAMES), rng.choice(ITEMS)  # drawn even for repeats: keeps the prefix property simple
+        if (ops, tuple(nums)) in seen:
+            continue
+        seen.add((ops, tuple(nums)))
+        value = nums[0] + sum(x if op == "+" else -x for op, x in zip(ops, nums[1:]))
+        expr = " ".join([str(nums[0])] + [f"{op} {x}" for op, x in zip(ops, nums[1:])])
+        rows.append(dict(id=f"arith-L{level}-s{seed}-{len(rows):03d}", problem=f"What is {expr}?",
+                         answer=str(value), source="arith", level=level, numbers=nums, ops=list(ops),
+                         reframed=STORIES[ops].format(*nums, name=name, item=item)))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Prompts
+
+SOLVER_SYSTEM = "Think step by step, then put your final answer in \\boxed{}."
+CHOICE_INSTRUCTION = "Put only the letter of the correct option in \\boxed{}."
+
+
+def format_question(row):
+    """The user turn: the problem, then for multiple choice its options as 'A. ...' lines."""
+    if not row.get("choices"):
+        return row["problem"].strip()
+    options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(row["choices"]))
+    return f"{row['problem'].strip()}\n\n{options}\n\n{CHOICE_INSTRUCTION}"
+
+
+def solver_messages(row):
+    """The solver's (system, user) turns: render_prompt(tokenizer, *solver_messages(row))."""
+    return SOLVER_SYSTEM, format_question(row)
+
+
+@functools.cache
+def _warn_no_template():
+    warnings.warn("tokenizer has no chat template: using the plain 'System: / User: / Assistant:' layout")
+
+
+def render_prompt(tokenizer, system, user):
+    """A system and a user turn as the prompt text that the assistant's reply continues."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        # enable_thinking=False on purpose: Qwen3's template (which its base checkpoints ship too) then
+        # writes an empty <think></think> block and the answer follows at once, as in the paper's
+        # non-thinking runs; templates that do not know the flag ignore it.
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=False)
+    _warn_no_template()  # a bare base tokenizer (e.g. GPT-2): a plain transcript it can continue
+    return f"System: {system}\n\nUser: {user}\n\nAssistant:"
+
+
+# -----------------------------------------------------------------------------
+# Grading and metrics (pure: lists in, numbers out)
+
+
+def gold_answer(row):
+    """The gold answer in the normal form the samples are compared in."""
+    return row["answer"] if row.get("choices") else hms.normalize_answer(row["answer"])
+
+
+def answer_of(text, row):
+    """A completion's answer in the same normal form (a letter for multiple choice); None if none."""
+    if row.get("choices"):
+        return hms.extract_choice(text, len(row["choices"]))
+    boxed = hms.extract_answer(text)
+    return None if boxed is None else hms.normalize_answer(boxed)
+
+
+def is_correct(text, row):
+    """1[answer of the completion = gold]; a completion without an answer is wrong."""
+    answer = answer_of(text, row)
+    return answer is not None and answer == gold_answer(row)
+
+
+def mean_at_k(correct):
+    """correct: one list of k bools a question -> the mean over questions of each one's accuracy."""
+    return sum(sum(c) / len(c) for c in correct) / len(correct)
+
+
+def maj_at_k(answers, golds):
+    """answers: one list of k normalised answers (or None) a question -> share whose vote is gold."""
+    return sum(hms.majority_vote(a) == g for a, g in zip(answers, golds)) / len(golds)
+
+
+def pass_at_k(correct):
+    """Share of questions with at least one right sample among its k."""
+    return sum(any(c) for c in correct) / len(correct)
+
+
+def metrics(correct, answers, golds, greedy=None):
+    """The metric table of one group of questions; greedy: one bool a question, or None."""
+    k = len(correct[0])
+    out = {"questions": len(golds), f"mean@{k}": mean_at_k(correct), f"maj@{k}": maj_at_k(answers, golds),
+           f"pass@{k}": pass_at_k(correct)}
+    if greedy is not None:
+        out["greedy"] = sum(greedy) / len(greedy)
+    return out
+
+
+GROUP_KEYS = ("subject", "level", "category", "domain")
+
+
+def summarize(rows, correct, answers, greedy=None):
+    """metrics() over all questions, plus by_<key> for each of GROUP_KEYS the rows carry."""
+    golds = [gold_answer(r) for r in rows]
+    summary = metrics(correct, answers, golds, greedy)
+    for key in (k for k in GROUP_KEYS if all(k in r for r in rows)):
+        groups = defaultdict(list)
+        for i, r in enumerate(rows):
+            groups[str(r[key])].append(i)
+        summary[f"by_{key}"] = {g: metrics([correct[i] for i in idx], [answers[i] for i in idx],
+                                           [golds[i] for i in idx], None if greedy is None else [greedy[i] for i in idx])
+                                for g, idx in sorted(groups.items())}
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# Evaluation loop
+
+
+def evaluate(model, tokenizer, rows, *, n=16, temperature=0.8, top_p=0.95, max_new_tokens=1024,
+             batch_size=8, seed=0, greedy=False):
+    """
+    Sample n completions a question with the solver prompt, plus one greedy completion if
+    greedy, and grade them. Returns (summary from summarize(), records: one dict a completion
+    {id, kind, index, text, answer, correct}). batch_size counts questions a generate call.
+    """
+    if not rows:
+        raise ValueError("no questions to evaluate")
+    # the chat template already writes any BOS the model wants: add no second one
+    prompts = [tokenizer(render_prompt(tokenizer, *solver_messages(r)), add_special_tokens=False)["input_ids"]
+               for r in rows]
+    stops, generator = sample.stop_ids(model, tokenizer), torch.Generator(model.device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    records = {"sampled": [], "greedy": []}
+    modes = [("sampled", n, temperature)] + ([("greedy", 1, 0.0)] if greedy else [])
+    with tqdm(total=len(rows) * len(modes), desc="eval", unit="question") as bar:
+        for kind, k, temp in modes:
+            for start in range(0, len(rows), batch_size):
+                outs = sample.generate(model, prompts[start : start + batch_size], max_new_tokens, n=k,
+                                       temperature=temp, top_p=top_p, stop_ids=stops, generator=generator)
+                for j, ids in enumerate(outs):  # prompt-major: the k samples of a question are adjacent
+                    row, text = rows[start + j // k], tokenizer.decode(ids, skip_special_tokens=True)
+                    records[kind].append(dict(id=row["id"], kind=kind, index=j % k, text=text,
+                                              answer=answer_of(text, row), correct=is_correct(text, row)))
+                bar.update(len(outs) // k)
+    model.train(was_training)
+    by_question = [records["sampled"][i * n : (i + 1) * n] for i in range(len(rows))]
+    summary = summarize(rows, [[s["correct"] for s in q] for q in by_question],
+                        [[s["answer"] for s in q] for q in by_question],
+                        [s["correct"] for s in records["greedy"]] if greedy else None)
+    return summary, records["sampled"] + records["greedy"]
+
+
+def print_table(summary):
+    """The overall metrics, then one line a group."""
+    cols = [c for c in summary if not c.startswith("by_")]
+    print(f"{'group':<34}" + "".join(f"{c:>11}" for c in cols))
+    lines = [("all", summary)] + [(f"{key[3:]}={g}", m) for key in summary if key.startswith("by_")
+                                  for g, m in summary[key].items()]
+    for name, m in lines:
+        print(f"{name[:33]:<34}" + "".join(f"{m[c]:>11}" if c == "questions" else f"{m[c]:>11.4f}" for c in cols))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a model on a benchmark: mean@k, maj@k, pass@k, greedy.")
+    # model
+    p.add_argument("--model", default="smollm2", help="hub id, local folder, .gguf file, 'smollm2' or 'tiny'")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="float32", help="weights dtype: float32, bfloat16, float16")
+    # data
+    p.add_argument("--data", default="math500", help=f"one of {', '.join([*FILES, 'arith'])}, or a .jsonl path")
+    p.add_argument("--data-dir", default=None, help="folder of the benchmark files (default: $SELFHARMONY_DATA)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
+    p.add_argument("--arith-n", type=int, default=16, help="arith: number of questions")
+    p.add_argument("--arith-seed", type=int, default=0, help="arith: seed of the generated questions")
+    p.add_argument("--arith-level", type=int, default=1, help="arith: 1 one-digit sums, 2 two-digit +/-, 3 two steps")
+    # sampling
+    p.add_argument("--n", type=int, default=16, help="samples a question (the k of mean@k)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="longest completion")
+    p.add_argument("--batch-size", type=int, default=8, help="questions a generate call (each sampled n times)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--greedy", action="store_true", help="also report greedy (temperature 0) accuracy")
+    # output
+    p.add_argument("--out-dir", default="out/eval", help="folder for <data>-<model>.json and .samples.jsonl")
+    args = p.parse_args(argv)
+    print(vars(args))
+
+    rows = load_benchmark(args.data, args.data_dir, n=args.arith_n, seed=args.arith_seed, level=args.arith_level)
+    rows = rows[: args.limit] if args.limit else rows
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = sample.load_model(args.model, device=device, dtype=args.dtype)
+    summary, records = evaluate(model, tokenizer, rows, n=args.n, temperature=args.temperature, top_p=args.top_p,
+                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                                greedy=args.greedy)
+    print_table(summary)
+
+    tag = re.sub(r"[^\w.-]+", "_", f"{Path(args.data).stem}-{Path(args.model).name}")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{tag}.json").write_text(json.dumps({"args": vars(args), **summary}, indent=2) + "\n")
+    with open(out / f"{tag}.samples.jsonl", "w") as f:
+        f.writelines(json.dumps(rec) + "\n" for rec in records)
+    print(f"wrote {out / f'{tag}.json'} and {out / f'{tag}.samples.jsonl'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""eval.py: benchmark loading, the arith generator, prompts, grading, metrics, and the CLI end to end."""
+
+import json
+import operator
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, models
+from transformers import PreTrainedTokenizerFast
+
+import eval as ev
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+if not DATA.is_dir():
+    raise RuntimeError(f"the benchmark files are missing: expected them in {DATA}")
+
+COUNTS = {"math500": 500, "gsm8k": 1319, "aime24": 30, "amc": 83, "gpqa": 198, "mmlu_pro": 70, "mmlu_pro_test": 12032}
+
+# A trimmed Qwen3 chat template: the parts that render system/user turns and the generation prompt.
+QWEN3_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def word_tokenizer(chat_template=None):
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")))
+    tok.chat_template = chat_template
+    return tok
+
+
+def write_jsonl(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Benchmarks
+
+
+@pytest.mark.parametrize("name", list(COUNTS))
+def test_every_benchmark_loads_and_its_gold_grades_right(name):
+    rows = ev.load_benchmark(name, DATA)
+    assert len(rows) == COUNTS[name]
+    assert len({r["id"] for r in rows}) == len(rows)
+    multiple_choice = name in ("gpqa", "mmlu_pro", "mmlu_pro_test")
+    for r in rows:
+        assert bool(r.get("choices")) == multiple_choice
+        assert ev.is_correct("So the answer is \\boxed{" + r["answer"] + "}.", r), r["id"]
+        assert not ev.is_correct("I am not sure.", r)
+
+
+def test_folder_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SELFHARMONY_DATA", str(DATA))
+    assert len(ev.load_benchmark("aime24")) == 30
+
+
+def test_any_schema_file_loads(tmp_path):
+    path = write_jsonl(tmp_path / "mine.jsonl", [
+        json.dumps({"id": 1, "problem": "What is 2 + 3?", "answer": 5}), "",
+        json.dumps({"id": "q2", "problem": "Pick one.", "choices": ["x", "y"], "answer": "B"})])
+    rows = ev.load_benchmark(str(path))
+    assert [r["id"] for r in rows] == ["1", "q2"] and rows[0]["answer"] == "5"
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"id": "a", "problem": "p", "answer": "1"', "invalid JSON"),
+    ('{"id": "a", "problem": "p"}', "'answer'"),
+    ('{"problem": "p", "answer": "1"}', "'id'"),
+    ('{"id": "a", "problem": "p", "answer": "A", "choices": "x y"}', "'choices' must be a non-empty list"),
+    ('{"id": "a", "problem": "p", "answer": "E", "choices": ["w", "x", "y", "z"]}', "not a letter A-D"),
+    ('{"id": "a", "problem": "p", "answer": "1"}', "duplicate id"),
+])
+def test_a_bad_row_names_its_file_and_line(tmp_path, line, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", ['{"id": "a", "problem": "p", "answer": "1"}', "", line])
+    with pytest.raises(ValueError) as e:
+        ev.load_benchmark(str(path))
+    assert "bad.jsonl:3:" in str(e.value) and message in str(e.value)
+
+
+def test_missing_file_and_unknown_name(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        ev.load_benchmark(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(FileNotFoundError, match="math500.jsonl"):
+        ev.load_benchmark("math500", tmp_path)  # a folder without the file
+    with pytest.raises(ValueError, match="unknown benchmark 'math5000'.*math500.*mmlu_pro_test.*arith"):
+        ev.load_benchmark("math5000", DATA)
+
+
+def test_offline_without_a_folder_says_how_to_give_one(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise ev.urllib.error.URLError("no network")
+
+    monkeypatch.delenv("SELFHARMONY_DATA", raising=False)
+    monkeypatch.setattr(ev, "CACHE", tmp_path)
+    monkeypatch.setattr(ev.urllib.request, "urlopen", no_network)
+    with pytest.raises(FileNotFoundError, match="--data-dir.*SELFHARMONY_DATA"):
+        ev.load_benchmark("gsm8k")
+    with pytest.raises(FileNotFoundError, match="--data-dir.*SELFHARMONY_DATA"):
+        ev.load_benchmark("gpqa")  # no JSON source at all
+
+
+def test_download_conversion_of_the_mmlu_pro_harness_layout():
+    question, choices = ev._split_options("Q line 1\nQ line 2\n" + "\n".join(f"{c}. opt {c}" for c in "ABCDEFGHIJ"))
+    assert question == "Q line 1\nQ line 2" and choices == [f"opt {c}" for c in "ABCDEFGHIJ"]
+
+
+# -----------------------------------------------------------------------------
+# arith
+
+OPS = {"+": operator.add, "-": operator.sub}
+
+
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_arith_answers_are_right_and_reframed_keeps_the_numbers(level):
+    rows = ev.load_benchmark("arith", n=40, seed=3, level=level)
+    assert len(rows) == 40 and len({r["problem"] for r in rows}) == 40
+    for r in rows:
+        numbers = [int(x) for x in re.findall(r"\d+", r["problem"])]
+        ops = re.findall(r" ([+-]) ", r["problem"])
+        assert numbers == r["numbers"] and ops == r["ops"]
+        value = numbers[0]
+        for op, x in zip(ops, numbers[1:]):
+            value = OPS[op](value, x)
+        assert r["answer"] == str(value) and value >= 0
+        assert sorted(int(x) for x in re.findall(r"\d+", r["reframed"])) == sorted(numbers)
+        assert r["reframed"] != r["problem"] and ev.is_correct(f"\\boxed{{{value}}}", r)
+        digits = 1 if level == 1 else 2
+        assert all(len(str(x)) == digits for x in numbers)
+    assert {len(r["numbers"]) for r in rows} == ({3} if level == 3 else {2})
+
+
+def test_arith_is_deterministic_for_a_seed():
+    a = ev.load_benchmark("arith", n=16, seed=0, level=2)
+    assert a == ev.load_benchmark("arith", n=16, seed=0, level=2)
+    assert a[:8] == ev.load_benchmark("arith", n=8, seed=0, level=2)
+    assert a != ev.load_benchmark("arith", n=16, seed=1, level=2)
+    assert ev.load_benchmark("arith")[0]["problem"].startswith("What is ")
+    with pytest.raises(ValueError, match="level"):
+        ev.load_benchmark("arith", level=4)
+
+
+# -----------------------------------------------------------------------------
+# Prompts
+
+
+def test_solver_prompt_with_a_qwen3_chatml_template_has_the_empty_think_block():
+    row = {"id": "q", "problem": "What is 2 + 3?", "answer": "5"}
+    text = ev.render_prompt(word_tokenizer(QWEN3_TEMPLATE), *ev.solver_messages(row))
+    assert text == (
+        "<|im_start|>system\nThink step by step, then put your final answer in \\boxed{}.<|im_end|>\n"
+        "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
+
+
+def test_multiple_choice_options_follow_the_question():
+    row = {"id": "q", "problem": " Which is a prime? ", "choices": ["4", "7", "9"], "answer": "B"}
+    assert ev.format_question(row) == (
+        "Which is a prime?\n\nA. 4\nB. 7\nC. 9\n\nPut only the letter of the correct option in \\boxed{}.")
+
+
+def test_plain_fallback_without_a_chat_template_warns_once():
+    ev._warn_no_template.cache_clear()
+    tok = word_tokenizer(None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = ev.render_prompt(tok, "Be brief.", "What is 2 + 3?")
+        ev.render_prompt(tok, "Be brief.", "What is 1 + 1?")
+    assert first == "System: Be brief.\n\nUser: What is 2 + 3?\n\nAssistant:"
+    assert len([w for w in caught if "chat template" in str(w.message)]) == 1
+
+
+# -----------------------------------------------------------------------------
+# Grading
+
+
+@pytest.mark.parametrize("text, answer, right", [
+    ("2 + 3 = 5, so \\boxed{5}.", "5", True),
+    ("First \\boxed{4}; no wait, it is \\boxed{5}.", "5", True),  # the last box counts
+    ("First \\boxed{5}; no wait, it is \\boxed{4}.", "5", False),
+    ("The answer is 5.", "5", False),  # no box, no answer
+    ("\\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}", True),
+    ("\\boxed{x = 5}", "5", True),
+    ("\\boxed{1,000}", "1000", True),
+    ("\\boxed{6}", "5", False),
+])
+def test_open_answers(text, answer, right):
+    assert ev.is_correct(text, {"id": "q", "problem": "p", "answer": answer}) is right
+
+
+@pytest.mark.parametrize("text, right", [
+    ("A is wrong and C is tempting, but B fits. \\boxed{D}", False),
+    ("A is wrong and C is tempting, but D does not. \\boxed{B}", True),
+    ("Not A, not C: \\boxed{B}", True),
+    ("\\boxed{F}", False),  # out of the 4 options
+    ("The answer is B.", False),  # no box
+])
+def test_multiple_choice_reads_the_letter_in_the_last_box(text, right):
+    row = {"id": "q", "problem": "p", "choices": ["w", "x", "y", "z"], "answer": "B"}
+    assert ev.is_correct(text, row) is right
+
+
+# -----------------------------------------------------------------------------
+# Metrics, on a table worked out by hand
+
+
+def test_mean_maj_pass_at_k_by_hand():
+    answers = [["5", "5", "6", None],   # 2 of 4 right, vote 5 right
+               ["7", "8", "8", None],   # 1 of 4 right, vote 8 wrong
+               [None, None, None, "1"]]  # 0 of 4 right, vote 1 (None never wins) wrong
+    golds = ["5", "7", "2"]
+    correct = [[a == g for a in q] for q, g in zip(answers, golds)]
+    assert ev.mean_at_k(correct) == pytest.approx((2 / 4 + 1 / 4 + 0) / 3)
+    assert ev.maj_at_k(answers, golds) == pytest.approx(1 / 3)
+    assert ev.pass_at_k(correct) == pytest.approx(2 / 3)
+    assert ev.maj_at_k([[None, None, "3"]], ["3"]) == 1.0
+
+
+def test_summary_by_group():
+    rows = [{"id": str(i), "problem": "p", "answer": g, "subject": s, "level": lv}
+            for i, (g, s, lv) in enumerate([("5", "Algebra", 1), ("7", "Algebra", 2), ("2", "Geometry", 2)])]
+    answers = [["5", "5"], ["8", "7"], [None, None]]
+    correct = [[True, True], [False, True], [False, False]]
+    s = ev.summarize(rows, correct, answers, greedy=[True, False, False])
+    assert s["questions"] == 3 and s["mean@2"] == pytest.approx(0.5) and s["greedy"] == pytest.approx(1 / 3)
+    assert s["by_subject"]["Algebra"] == {"questions": 2, "mean@2": 0.75, "maj@2": 1.0, "pass@2": 1.0, "greedy": 0.5}
+    assert s["by_level"]["2"]["mean@2"] == pytest.approx(0.25) and s["by_level"]["2"]["pass@2"] == 0.5
+    assert "by_category" not in s
+
+
+# -----------------------------------------------------------------------------
+# End to end on the tiny random model, offline
+
+
+def test_cli_end_to_end_on_the_tiny_model(tmp_path):
+    data = write_jsonl(tmp_path / "two.jsonl", [
+        json.dumps({"id": "a", "problem": "What is 2 + 3?", "answer": "5", "subject": "add"}),
+        json.dumps({"id": "b", "problem": "Pick.", "choices": ["x", "y"], "answer": "A", "subject": "mc"}),
+        json.dumps({"id": "c", "problem": "What is 1 + 1?", "answer": "2", "subject": "add"})])
+    summary = ev.main(["--model", "tiny", "--data", str(data), "--limit", "2", "--n", "3", "--max-new-tokens", "4",
+                       "--batch-size", "1", "--greedy", "--device", "cpu", "--out-dir", str(tmp_path / "out")])
+    results = json.loads((tmp_path / "out" / "two-tiny.json").read_text())
+    samples = [json.loads(line) for line in (tmp_path / "out" / "two-tiny.samples.jsonl").read_text().splitlines()]
+    assert results["questions"] == 2 and results["mean@3"] == summary["mean@3"] and "greedy" in results
+    assert set(results["by_subject"]) == {"add", "mc"}
+    assert len(samples) == 2 * 3 + 2 and {s["id"] for s in samples} == {"a", "b"}
+    assert all(set(s) == {"id", "kind", "index", "text", "answer", "correct"} for s in samples)
+
+
+def test_evaluate_reproduces_with_a_seed_and_restores_train_mode():
+    import sample
+
+    model, tokenizer = sample.load_model("tiny")
+    rows = ev.load_benchmark("arith", n=3)
+    model.train()
+    runs = [ev.evaluate(model, tokenizer, rows, n=2, max_new_tokens=5, batch_size=2, seed=s) for s in (7, 7, 8)]
+    assert model.training
+    texts = [[r["text"] for r in records] for _, records in runs]
+    assert texts[0] == texts[1] != texts[2] and len(texts[0]) == 3 * 2
+    assert [r["id"] for r in runs[0][1]] == [rows[0]["id"]] * 2 + [rows[1]["id"]] * 2 + [rows[2]["id"]] * 2
+
+
+def test_cli_on_arith(tmp_path):
+    ev.main(["--model", "tiny", "--data", "arith", "--arith-n", "2", "--n", "2", "--max-new-tokens", "3",
+             "--device", "cpu", "--out-dir", str(tmp_path)])
+    assert (tmp_path / "arith-tiny.json").is_file() and (tmp_path / "arith-tiny.samples.jsonl").is_file()
