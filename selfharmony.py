@@ -1,0 +1,434 @@
+"""
+Self-Harmony test-time RL: the loop (Algorithm 1 of the paper, fused as in its release).
+
+For each question x of a batch, with no label:
+  1. Solve:    G completions y_1..y_G of the solver prompt                       (view 0)
+  2. Reframe:  G completions y'_1..y'_G that rewrite x and solve the rewrite     (view 1)
+  3. Answers:  a_i, a'_i = normalised content of the last \\boxed{} (hms.py)
+  4. Label:    y* = argmax_a 2 p0(a) p1(a) / (p0(a) + p1(a))                     (hms.py)
+  5. Rewards:  R_solve(y_i) = 1[a_i = y*],  R_fused(y'_i) gated by 1[a'_i = y*]  (rewards.py)
+  6. Update:   GRPO, advantages per question and per view, token-mean over both views (grpo.py)
+Every rollout stays tied to its own question and each row carries its own completion mask (the
+release matches fused rollouts to another question's label after re-balancing, and masks the
+fused branch with the solver branch's mask; METHOD.md "Known defects").
+
+--reframe picks how view 1 is made: `fused` (one call: rewrite then solve, the default and the
+release's), `separate` (the paper's three calls: solve x; rewrite x into x'; solve x' with the
+solver prompt; only the solving rollouts are trained), `given` (x' is a paraphrase the data row
+provides, Co-Reward's offline setting; `arith` rows carry one). --selector picks the label: hms,
+mv (TTRL), mv2 (pooled vote), cross (Co-Reward), gt (the gold answer: the upper bound). Every
+selector's label accuracy is logged on the same rollouts whatever trains; the gold answer is read
+only to measure, unless --selector gt.
+
+    python selfharmony.py --model tiny --data arith --steps 2          # seconds: the machinery
+    python selfharmony.py --model smollm2 --data arith --reframe given  # the offline CPU demo (README)
+    python selfharmony.py --model Qwen/Qwen3-1.7B-Base --data math500 --data-dir ../shared/data
+    torchrun --standalone --nproc_per_node=8 selfharmony.py --model Qwen/Qwen3-1.7B-Base ...
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import grpo
+import hms
+import rewards
+from eval import answer_of, evaluate, format_question, gold_answer, load_benchmark, render_prompt, solver_messages
+from sample import generate, load_model, stop_ids
+
+# -----------------------------------------------------------------------------
+# The reframer's prompts (this project's wording; METHOD.md gives the required layout)
+
+REFRAME_STRATEGIES = ("make it concrete with a small example or story, generalise it, move it to another "
+                      "domain, work backward from what is asked, add one irrelevant detail, or tell it from "
+                      "inside the problem")
+FUSED_SYSTEM = (
+    "First rewrite the problem in a different way, then solve your rewritten problem.\n"
+    f"Choose one strategy: {REFRAME_STRATEGIES}. Keep the logic, every number and the answer exactly the "
+    "same, and do not copy long runs of the original words.\n"
+    "Reply in exactly this layout:\n"
+    "STRATEGY: <the strategy you chose, one line>\n"
+    "REWRITTEN PROBLEM: <the problem, rewritten>\n"
+    "SOLUTION: <step-by-step solution of the rewritten problem, ending with the final answer in \\boxed{}>"
+)
+REWRITE_SYSTEM = (
+    "Rewrite the problem in a different way. Do not solve it.\n"
+    f"Choose one strategy: {REFRAME_STRATEGIES}. Keep the logic, every number and the answer exactly the "
+    "same, and do not copy long runs of the original words.\n"
+    "Reply in exactly this layout:\n"
+    "STRATEGY: <the strategy you chose, one line>\n"
+    "REWRITTEN PROBLEM: <the problem, rewritten>"
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Self-Harmony test-time RL (defaults: the release's settings).")
+    # model and data
+    p.add_argument("--model", default="Qwen/Qwen3-1.7B-Base", help="hub id, local folder, .gguf, 'smollm2' or 'tiny'")
+    p.add_argument("--data", default="math500", help="benchmark name, 'arith', or a .jsonl file in the schema")
+    p.add_argument("--data-dir", default=None, help="folder of the benchmark files (default: $SELFHARMONY_DATA)")
+    p.add_argument("--limit", type=int, default=None, help="train on the first N questions only")
+    p.add_argument("--arith-n", type=int, default=16, help="arith: number of questions")
+    p.add_argument("--arith-seed", type=int, default=0, help="arith: which question set")
+    p.add_argument("--arith-level", type=int, default=1, help="arith: 1 one-digit sums, 2 two-digit +/-, 3 two steps")
+    # the method
+    p.add_argument("--selector", default="hms", choices=hms.SELECTORS, help="pseudo-label selector that trains")
+    p.add_argument("--reframe", default="fused", choices=("fused", "separate", "given"), help="how view 1 is made")
+    p.add_argument("--reward", default="gated", choices=rewards.MODES, help="fused reward: gated (paper) or additive")
+    p.add_argument("--w-format", type=float, default=0.1, help="weight of the format penalty P_format")
+    p.add_argument("--w-div", type=float, default=0.1, help="weight of the diversity penalty P_div")
+    p.add_argument("--n-rollouts", type=int, default=16, help="G: rollouts a question in each view")
+    # sampling
+    p.add_argument("--batch-size", type=int, default=128, help="questions a step, over all ranks")
+    p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longest prompt; longer is an error")
+    p.add_argument("--max-new-tokens", type=int, default=3072, help="longest completion")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, also divides logits when scoring")
+    # optimisation
+    p.add_argument("--lr", type=float, default=3e-6, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--warmup", type=float, default=0.1, help="share of the steps for linear warm-up, then cosine")
+    p.add_argument("--kl-coef", type=float, default=0.005, help="beta of the k3 KL loss term (0: no reference model)")
+    p.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip range")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
+    p.add_argument("--adv-scale", default="std", choices=("std", "none"), help="divide advantages by the group std or not")
+    p.add_argument("--micro-batch", type=int, default=8, help="rows a forward/backward pass")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (saves memory)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: --epochs over the questions)")
+    p.add_argument("--epochs", type=int, default=100, help="passes over the questions when --steps is not given")
+    # evaluation, logging, checkpoints
+    p.add_argument("--eval-every", type=int, default=0, help="mean@k on the same questions every N steps (0: start and end only)")
+    p.add_argument("--eval-n", type=int, default=16, help="samples a question for mean@k (paper: 16)")
+    p.add_argument("--eval-max-new-tokens", type=int, default=None, help="longest eval completion (default: --max-new-tokens)")
+    p.add_argument("--no-eval", action="store_true", help="skip evaluation entirely")
+    p.add_argument("--log-texts", type=int, default=2, help="full rollout texts logged a step and view")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--out-dir", default="runs/selfharmony", help="log, samples, checkpoint and plot go here")
+    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt")
+    p.add_argument("--stop-after", type=int, default=0, help="stop after N steps of this run with a checkpoint, as Ctrl-C does")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data order and sampling")
+    return p.parse_args(argv)
+
+# -----------------------------------------------------------------------------
+# One step: rollouts of both views, labels, rewards, the batch for GRPO
+
+
+def encode(tokenizer, system, user, limit, qid):
+    """Token ids of a rendered prompt; a prompt over the limit is an error, not a silent cut."""
+    ids = tokenizer(render_prompt(tokenizer, system, user), add_special_tokens=False)["input_ids"]
+    if len(ids) > limit:
+        raise SystemExit(f"question {qid}: prompt of {len(ids)} tokens is over --max-prompt-tokens {limit}")
+    return ids
+
+
+def solver_prompt(tokenizer, row, limit, problem=None):
+    """The solver prompt of row, or of the same row with its problem replaced by a rewrite x'."""
+    row = row if problem is None else {**row, "problem": problem}
+    return encode(tokenizer, *solver_messages(row), limit, row["id"])
+
+
+def rollout(model, tokenizer, rows, args, generator, stops):
+    """Prompts and G completions of each view, prompt-major; and x' per question when separate."""
+    def sample(prompts):
+        return generate(model, prompts, args.max_new_tokens, n=args.n_rollouts, temperature=args.temperature,
+                        stop_ids=stops, generator=generator)
+
+    limit, rewrites = args.max_prompt_tokens, None
+    prompts0 = [solver_prompt(tokenizer, r, limit) for r in rows]
+    if args.reframe == "fused":
+        prompts1 = [encode(tokenizer, FUSED_SYSTEM, format_question(r), limit, r["id"]) for r in rows]
+    elif args.reframe == "given":
+        prompts1 = [solver_prompt(tokenizer, r, limit, r["reframed"]) for r in rows]
+    else:  # separate: one rewrite a question, then G solutions of the rewrite
+        asks = [encode(tokenizer, REWRITE_SYSTEM, format_question(r), limit, r["id"]) for r in rows]
+        outs = generate(model, asks, args.max_new_tokens, temperature=args.temperature, stop_ids=stops,
+                        generator=generator)
+        rewrites = [rewards.rewritten_problem(tokenizer.decode(o, skip_special_tokens=True)) for o in outs]
+        # a rewrite that missed the layout falls back to the original wording (logged as a share)
+        prompts1 = [solver_prompt(tokenizer, r, limit, x or r["problem"]) for r, x in zip(rows, rewrites)]
+    return prompts0, sample(prompts0), prompts1, sample(prompts1), rewrites
+
+
+def label_and_reward(rows, texts0, texts1, args):
+    """Rewards of every rollout (view 0, view 1) and a record a question with every selector's labels."""
+    G, r0, r1, records = args.n_rollouts, [], [], []
+    for q, row in enumerate(rows):
+        t0, t1 = texts0[q * G : (q + 1) * G], texts1[q * G : (q + 1) * G]  # this question's own rollouts
+        a0, a1 = [answer_of(t, row) for t in t0], [answer_of(t, row) for t in t1]
+        gold = gold_answer(row)  # measured for every selector; trains only under --selector gt
+        labels = {s: hms.select_labels(s, a0, a1, gold=gold) for s in hms.SELECTORS}
+        y0, y1 = labels[args.selector]
+        r0 += rewards.solve_rewards(a0, y0)
+        if args.reframe == "fused":
+            r1 += rewards.fused_rewards(t1, a1, a0, y1, args.w_format, args.w_div, args.reward)
+        else:  # view 1 is a plain solve of x'
+            r1 += rewards.solve_rewards(a1, y1)
+        records.append(dict(id=row["id"], gold=gold, labels=labels, answers0=a0, answers1=a1,
+                            format=float(np.mean([rewards.format_score(t) for t in t1])),
+                            p_div=rewards.div_penalty(a0, a1)))
+    return r0, r1, records
+
+
+def make_batch(pairs, advantages, pad_id):
+    """One padded grpo.Rollouts of (prompt, completion) pairs: row i = prompt (left-padded) +
+    completion (right-padded). Masks come from lengths, never from token values (pad may be EOS)."""
+    P, C = max(len(p) for p, _ in pairs), max(len(c) for _, c in pairs)
+    ids = torch.full((len(pairs), P + C), pad_id, dtype=torch.long)  # (N, P + C)
+    attention, completion = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (p, c) in enumerate(pairs):
+        ids[i, P - len(p) : P + len(c)] = torch.tensor(p + c)
+        attention[i, P - len(p) : P + len(c)] = 1
+        completion[i, P : P + len(c)] = 1
+    return grpo.Rollouts(ids, attention, completion, torch.as_tensor(advantages, dtype=torch.float32))
+
+
+def step_summary(records, r0, r1, comps0, comps1, rewrites, max_new, stops):
+    """The step's numbers (over all ranks' questions): rewards, every selector's label accuracy, shapes."""
+    G = len(r0) // len(records)
+    out = {"reward0": float(np.mean(r0)), "reward1": float(np.mean(r1))}
+    for s in hms.SELECTORS:  # (label of view 0, label of view 1): they differ under cross only
+        out[f"label_acc/{s}"] = float(np.mean([y == rec["gold"] for rec in records for y in rec["labels"][s]]))
+        out[f"no_label/{s}"] = float(np.mean([y is None for rec in records for y in rec["labels"][s]]))
+    out["hms_mv_agree"] = float(np.mean([rec["labels"]["hms"][0] == rec["labels"]["mv"][0] for rec in records]))
+    out["flat_groups"] = (grpo.count_flat_groups(r0, G) + grpo.count_flat_groups(r1, G)) / (2 * len(records))
+    out["format"] = float(np.mean([rec["format"] for rec in records]))
+    out["p_div"] = float(np.mean([rec["p_div"] for rec in records]))
+    for v, comps in (("0", comps0), ("1", comps1)):
+        out[f"len{v}"] = float(np.mean([len(c) for c in comps]))
+        out[f"truncated{v}"] = float(np.mean([len(c) == max_new and c[-1] not in stops for c in comps]))
+    if rewrites is not None:
+        out["rewrite_failed"] = float(np.mean([x is None for x in rewrites]))
+    return out
+
+
+def gather(obj, world):
+    """Every rank's obj, in rank order (a list of one element without torchrun)."""
+    if world == 1:
+        return [obj]
+    objs = [None] * world
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+def batch_indices(step, n_questions, batch_size, seed):
+    """The questions of a step: a fresh shuffle each epoch, derived from (seed, step) alone, so a
+    resumed run needs no saved data-order state."""
+    epoch, k = divmod(step, n_questions // batch_size)
+    order = np.random.default_rng([seed, epoch]).permutation(n_questions)
+    return order[k * batch_size : (k + 1) * batch_size].tolist(), epoch
+
+
+def save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step, args):
+    """The model as a Hugging Face folder plus trainer.pt, written beside and then renamed in:
+    a run killed while saving keeps the previous checkpoint."""
+    tmp, final, old = out_dir / "ckpt.tmp", out_dir / "ckpt", out_dir / "ckpt.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "args": vars(args)}, tmp / "trainer.pt")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def plot(log_path, png_path):
+    """Curves of the run, when matplotlib is installed (optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in open(log_path)]
+    train = [r for r in rows if "reward0" in r]
+    evals = [r for r in rows if "eval" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for s in hms.SELECTORS[:-1]:
+        axes[0].plot([r["step"] for r in train], [r[f"label_acc/{s}"] for r in train], label=s)
+    axes[0].set_title("pseudo-label accuracy (vs hidden gold)")
+    for v in ("0", "1"):
+        axes[1].plot([r["step"] for r in train], [r[f"reward{v}"] for r in train], label=f"view {v}")
+    axes[1].set_title("mean reward")
+    for key in ("mean", "maj"):
+        axes[2].plot([r["step"] for r in evals], [next(v for k, v in r["eval"].items() if k.startswith(key + "@"))
+                                                  for r in evals], "o-", label=f"{key}@k")
+    axes[2].set_title("accuracy on the questions")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    return png_path
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # torchrun: each rank takes its own questions; grpo.step sums gradients over ranks
+    ddp = "RANK" in os.environ
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    master = rank == 0
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and ddp:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    compute_dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    try:
+        questions = load_benchmark(args.data, args.data_dir, n=args.arith_n, seed=args.arith_seed, level=args.arith_level)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"data: {e}")
+    questions = questions[: args.limit] if args.limit else questions
+    if args.reframe == "given" and not all(q.get("reframed") for q in questions):
+        raise SystemExit("--reframe given needs a 'reframed' wording in every row (arith rows have one)")
+    if args.batch_size % world or args.batch_size > len(questions):
+        raise SystemExit(f"--batch-size {args.batch_size} must divide by {world} ranks and be <= {len(questions)} questions")
+    steps_per_epoch = len(questions) // args.batch_size
+    total_steps = args.steps or args.epochs * steps_per_epoch
+
+    # weights stay float32 (AdamW's lr-3e-6 updates vanish in bfloat16); bfloat16 is autocast compute
+    ckpt = out_dir / "ckpt" if (out_dir / "ckpt").exists() else out_dir / "ckpt.old"
+    if args.resume and not ckpt.exists():
+        raise SystemExit(f"--resume: no checkpoint in {out_dir}")
+    model, tokenizer = load_model(str(ckpt) if args.resume else args.model, device, torch.float32)
+    ref_model = None
+    if args.kl_coef:  # the reference is the starting model, also after a resume
+        ref_model = load_model(args.model, device, torch.float32)[0] if args.resume else grpo.make_reference(model, args.kl_coef)
+        ref_model.requires_grad_(False)
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    optimizer = grpo.make_optimizer(model, args.lr, args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: grpo.lr_schedule(s, total_steps, args.warmup))
+    start = 0
+    if args.resume:
+        state = torch.load(ckpt / "trainer.pt", map_location=device, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["step"]
+    stops = stop_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    autocast = torch.autocast(device.split(":")[0], dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+    log_path, texts_path = out_dir / "log.jsonl", out_dir / "samples.jsonl"
+    if master:
+        print(vars(args))
+        print(f"{len(questions)} questions, {args.batch_size} a step, {total_steps} steps, {world} rank(s), {device}")
+
+    def log(row):
+        with open(log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def run_eval(step):
+        if args.no_eval:
+            return
+        if master:
+            with autocast:
+                summary, _ = evaluate(model, tokenizer, questions, n=args.eval_n, temperature=0.8, top_p=0.95,
+                                      max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens,
+                                      batch_size=max(1, args.batch_size // world), seed=args.seed)
+            log({"step": step, "eval": {k: v for k, v in summary.items() if not k.startswith("by_")}})
+            print(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in summary.items()
+                                                    if isinstance(v, float)))
+        if ddp:
+            dist.barrier()
+
+    # Ctrl-C (or SIGTERM from a scheduler) finishes the step in progress, saves, and exits
+    stop_requested = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop_requested.append(1) or print("\nstopping after this step"))
+
+    if start == 0:
+        run_eval(0)
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not master, desc="train")
+    for step in bar:
+        indices, epoch = batch_indices(step, len(questions), args.batch_size, args.seed)
+        rows = [questions[i] for i in indices[rank::world]]
+        # each step draws from its own generator: a resumed run samples what an uninterrupted one would
+        generator = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 1_009 + rank)
+
+        t0 = time.perf_counter()
+        model.eval()
+        with autocast:
+            prompts0, comps0, prompts1, comps1, rewrites = rollout(model, tokenizer, rows, args, generator, stops)
+        texts0 = [tokenizer.decode(c, skip_special_tokens=True) for c in comps0]
+        texts1 = [tokenizer.decode(c, skip_special_tokens=True) for c in comps1]
+        t1 = time.perf_counter()
+        r0, r1, records = label_and_reward(rows, texts0, texts1, args)
+        G = args.n_rollouts
+        advantages = torch.cat([grpo.group_advantages(r0, G, scale=args.adv_scale),
+                                grpo.group_advantages(r1, G, scale=args.adv_scale)])
+        pairs = [(prompts0[i // G], c) for i, c in enumerate(comps0)] + [(prompts1[i // G], c) for i, c in enumerate(comps1)]
+        batch = make_batch(pairs, advantages, pad_id)
+        batch = grpo.Rollouts(*(t.to(device) for t in (batch.input_ids, batch.attention_mask,
+                                                       batch.completion_mask, batch.advantages)))
+        t2 = time.perf_counter()
+        model.train()
+        with autocast:
+            stats = grpo.step(model, optimizer, batch, args.micro_batch, ref_model, scheduler,
+                              max_grad_norm=args.max_grad_norm, clip_eps=args.clip_eps, kl_coef=args.kl_coef,
+                              temperature=args.temperature)
+        t3 = time.perf_counter()
+
+        everything = gather((records, r0, r1, comps0, comps1, rewrites, stats), world)
+        if master:
+            cat = lambda k: [x for part in everything for x in (part[k] or [])]
+            row = {"step": step + 1, "epoch": epoch, **step_summary(
+                cat(0), cat(1), cat(2), cat(3), cat(4), cat(5) if rewrites is not None else None,
+                args.max_new_tokens, stops)}
+            row["loss"] = sum(part[6]["loss"] for part in everything)  # each rank's share of the global mean
+            for k in ("kl", "clip_frac", "ratio", "grad_norm", "lr"):
+                row[k] = float(np.mean([part[6][k] for part in everything]))
+            row.update(t_sample=t1 - t0, t_reward=t2 - t1, t_update=t3 - t2)
+            log(row)
+            with open(texts_path, "a") as f:
+                for view, texts, rs in (("solve", texts0, r0), (args.reframe, texts1, r1)):
+                    for i in range(min(args.log_texts, G)):
+                        f.write(json.dumps({"step": step + 1, "id": rows[0]["id"], "view": view, "text": texts[i],
+                                            "reward": rs[i], "label": records[0]["labels"][args.selector]}) + "\n")
+            bar.write(f"step {step + 1}: reward {row['reward0']:.3f}/{row['reward1']:.3f}  label acc "
+                      f"hms {row['label_acc/hms']:.2f} mv {row['label_acc/mv']:.2f}  kl {row['kl']:.4f}  "
+                      f"len {row['len0']:.0f}/{row['len1']:.0f}  {t3 - t0:.1f}s")
+
+        done = step + 1 == total_steps
+        if args.stop_after and step + 1 - start >= args.stop_after and not done:
+            stop_requested.append(1)
+        if args.eval_every and (step + 1) % args.eval_every == 0 and not done:
+            run_eval(step + 1)
+        if stop_requested or done or (args.save_every and (step + 1) % args.save_every == 0):
+            if master:
+                save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step + 1, args)
+            if ddp:
+                dist.barrier()
+        if stop_requested:
+            if master:
+                print(f"stopped after step {step + 1}; continue with --resume")
+            break
+    else:
+        run_eval(total_steps)
+        if master and plot(log_path, out_dir / "curves.png"):
+            print(f"wrote {out_dir / 'curves.png'}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""The loop: every logged field, own question and own mask per rollout, resume, two gloo ranks, bad input."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import grpo
+import selfharmony
+from sample import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model", "tiny", "--data", "arith", "--arith-n", "4", "--batch-size", "2", "--n-rollouts", "4",
+        "--max-new-tokens", "12", "--eval-n", "2", "--lr", "1e-3", "--micro-batch", "4"]
+STEP_FIELDS = ["step", "epoch", "reward0", "reward1", "hms_mv_agree", "flat_groups", "format", "p_div", "len0",
+               "len1", "truncated0", "truncated1", "loss", "kl", "clip_frac", "ratio", "grad_norm", "lr",
+               "t_sample", "t_reward", "t_update"] + [f"{k}/{s}" for k in ("label_acc", "no_label")
+                                                      for s in ("hms", "mv", "mv2", "cross", "gt")]
+
+
+def read_log(out):
+    return [json.loads(line) for line in open(out / "log.jsonl")]
+
+
+@pytest.mark.parametrize("extra", [
+    ["--selector", "hms"], ["--selector", "mv"], ["--selector", "mv2"], ["--selector", "cross"],
+    ["--selector", "gt"], ["--reframe", "given"], ["--reframe", "separate"], ["--reward", "additive"],
+])
+def test_two_step_run_logs_every_field(tmp_path, extra):
+    selfharmony.main(TINY + ["--steps", "2", "--out-dir", str(tmp_path)] + extra)
+    rows = read_log(tmp_path)
+    train = [r for r in rows if "reward0" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    for r in train:
+        assert set(STEP_FIELDS) <= set(r), set(STEP_FIELDS) - set(r)
+        assert 0 <= r["label_acc/gt"] <= 1 and r["label_acc/gt"] == 1.0  # gold vs gold
+    if "separate" in extra:
+        assert all("rewrite_failed" in r for r in train)
+    evals = [r for r in rows if "eval" in r]
+    assert [r["step"] for r in evals] == [0, 2] and "mean@2" in evals[0]["eval"]
+    samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
+    assert {s["view"] for s in samples} >= {"solve"} and all("text" in s for s in samples)
+    model = type(tiny_model()).from_pretrained(tmp_path / "ckpt")  # a plain Hugging Face folder
+    assert model.config.vocab_size == 259
+
+
+def test_each_rollout_is_rewarded_against_its_own_question():
+    # two questions with different gold answers and different labels; G = 4 per view
+    rows = [{"id": "a", "problem": "1 + 2?", "answer": "3"}, {"id": "b", "problem": "3 + 4?", "answer": "7"}]
+    box = lambda x: f"so \\boxed{{{x}}}"
+    fused = lambda x: f"STRATEGY: story\nREWRITTEN PROBLEM: Ann has 1 and gets 2.\nSOLUTION: {box(x)}"
+    texts0 = [box(3), box(3), box(5), box(3)] + [box(7), box(8), box(8), box(8)]
+    texts1 = [fused(3), "STRATEGY: x\nSOLUTION: " + box(3), fused(4), fused(4)] + [fused(7)] * 4
+    args = selfharmony.parse_args(["--w-format", "0.1", "--w-div", "0.0"])  # G = 16 by default: set 4
+    args.n_rollouts = 4
+    r0, r1, records = selfharmony.label_and_reward(rows, texts0, texts1, args)
+    # a: 3 is the only answer in both views -> y* = 3. b: 8 never appears in view 1, so HMS picks
+    # 7 (HM = 2 * 1/4 * 1 / (5/4) = 0.4) where the vote over view 0 picks 8
+    assert [rec["labels"]["hms"][0] for rec in records] == ["3", "7"]
+    assert [rec["labels"]["mv"][0] for rec in records] == ["3", "8"]
+    assert r0 == [1, 1, 0, 1, 1, 0, 0, 0]
+    # fused: gated by correctness, the second rollout of a misses REWRITTEN PROBLEM: 1 - 0.1 * 1/3
+    assert r1 == pytest.approx([1, 1 - 0.1 / 3, 0, 0, 1, 1, 1, 1])
+
+
+def test_every_row_has_its_own_prompt_and_completion_mask():
+    prompts0, prompts1 = [[1, 2, 3], [4, 5]], [[6, 7, 8, 9], [10]]
+    comps0 = [[11], [12, 13], [14, 15, 16], [17]]  # G = 2: rows 0-1 question 0, rows 2-3 question 1
+    comps1 = [[21, 22, 23, 24], [25], [26, 27], [28, 29, 30]]
+    G = 2
+    pairs = [(prompts0[i // G], c) for i, c in enumerate(comps0)] + [(prompts1[i // G], c) for i, c in enumerate(comps1)]
+    batch = selfharmony.make_batch(pairs, torch.arange(8.0), pad_id=0)
+    assert batch.input_ids.shape == (8, 4 + 4)
+    for i, (p, c) in enumerate(pairs):
+        ids, att, comp = batch.input_ids[i].tolist(), batch.attention_mask[i].tolist(), batch.completion_mask[i].tolist()
+        assert ids[4 - len(p):4 + len(c)] == p + c
+        assert att == [0] * (4 - len(p)) + [1] * (len(p) + len(c)) + [0] * (4 - len(c))
+        assert comp == [0] * 4 + [1] * len(c) + [0] * (4 - len(c))
+    assert batch.advantages.tolist() == list(range(8))
+
+
+def final_weights(out):
+    return load_file(out / "ckpt" / "model.safetensors")
+
+
+def test_resume_gives_the_same_next_step(tmp_path):
+    common = TINY + ["--steps", "3", "--no-eval", "--kl-coef", "0.01"]
+    selfharmony.main(common + ["--out-dir", str(tmp_path / "straight")])
+    selfharmony.main(common + ["--out-dir", str(tmp_path / "split"), "--stop-after", "2"])
+    assert [r["step"] for r in read_log(tmp_path / "split")] == [1, 2]
+    selfharmony.main(common + ["--out-dir", str(tmp_path / "split"), "--resume"])
+    drop = lambda r: {k: v for k, v in r.items() if not k.startswith("t_")}
+    assert [drop(r) for r in read_log(tmp_path / "split")] == [drop(r) for r in read_log(tmp_path / "straight")]
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _update_on_rows(rows, out_path):
+    """One grpo.step of the loop's batch layout on the given rollout rows (run under gloo or alone)."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    pairs = [(torch.randint(0, 259, (3 + i % 4,), generator=gen).tolist(),
+              torch.randint(0, 259, (2 + (5 * i) % 7,), generator=gen).tolist()) for i in range(8)]
+    advantages = torch.randn(8, generator=gen)
+    model = tiny_model("qwen3")
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # weights move by the gradient itself (Adam's
+    # first step is ~lr * sign(grad), which turns float noise on near-zero gradients into full steps)
+    ref = grpo.make_reference(model, 0.05)
+    batch = selfharmony.make_batch([pairs[i] for i in rows], advantages[rows], pad_id=256)
+    grpo.step(model.train(), optimizer, batch, 2, ref, kl_coef=0.05)
+    if out_path:
+        torch.save(model.state_dict(), out_path)
+    return model.state_dict()
+
+
+def test_two_gloo_ranks_equal_one_process_with_the_whole_batch(tmp_path):
+    script = f"""
+import os, sys, torch, torch.distributed as dist
+sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
+from test_selfharmony import _update_on_rows
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+_update_on_rows([0, 1, 2] if rank == 0 else [3, 4, 5, 6, 7], {str(tmp_path)!r} + f"/rank{{rank}}.pt")
+dist.destroy_process_group()
+"""
+    (tmp_path / "ranks.py").write_text(script)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    str(_free_port()), str(tmp_path / "ranks.py")], check=True, env=env, cwd=tmp_path)
+    whole = _update_on_rows(list(range(8)), None)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert all(torch.allclose(got[k], whole[k], atol=1e-6) for k in whole)
+    # and the unequal split really matters: one rank alone is a different update
+    alone = _update_on_rows([0, 1, 2], None)
+    assert not all(torch.allclose(alone[k], whole[k], atol=1e-6) for k in whole)
+
+
+def test_the_loop_runs_under_torchrun_with_two_gloo_ranks(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    str(_free_port()), str(ROOT / "selfharmony.py")] + TINY +
+                   ["--steps", "1", "--no-eval", "--device", "cpu", "--out-dir", str(tmp_path)],
+                   check=True, env=env, cwd=tmp_path)
+    rows = read_log(tmp_path)
+    assert len(rows) == 1 and (tmp_path / "ckpt" / "config.json").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--selector", "vote"], None),  # argparse: invalid choice
+    (["--data", "nope"], "unknown benchmark"),
+    (["--data", "/no/such/file.jsonl"], "no such data file"),
+    (["--max-prompt-tokens", "8"], "over --max-prompt-tokens 8"),
+    (["--batch-size", "5"], "--batch-size 5"),
+    (["--data", "math500", "--data-dir", str(ROOT.parent / "shared" / "data"), "--reframe", "given"], "reframed"),
+    (["--resume"], "no checkpoint"),
+])
+def test_bad_input_is_a_clear_message(tmp_path, capsys, argv, message):
+    argv = TINY + ["--steps", "1", "--no-eval", "--out-dir", str(tmp_path)] + argv
+    with pytest.raises(SystemExit) as e:
+        selfharmony.main(argv)
+    text = str(e.value.code) + capsys.readouterr().err
+    assert (message or "invalid choice") in text
