@@ -16,7 +16,9 @@ They are reported overall and per group (MATH500: subject and level; MMLU-Pro: c
 Departures: pass@k is the plain "any of the k drawn samples", not the unbiased estimator of
 Chen et al. (2021) for k < n. The paper's GPQA row implies 197 questions; this loads the public 198.
 MMLU-Pro defaults to the 70-question validation split the paper's numbers imply (`mmlu_pro_test`
-is the 12032-question test split). `arith` is this project's own generated task for the CPU demo.
+is the 12032-question test split). `arith` is this project's own generated task for the CPU demo;
+its rows ask for the bare number and, where a completion has no box, its last number is the
+answer (SmolLM2-135M rarely writes \\boxed{}); every other benchmark needs the box.
 
 Run it:
     python eval.py --model smollm2 --data arith --n 8 --max-new-tokens 64
@@ -188,7 +190,8 @@ def make_arith(n=16, seed=0, level=1):
         value = nums[0] + sum(x if op == "+" else -x for op, x in zip(ops, nums[1:]))
         expr = " ".join([str(nums[0])] + [f"{op} {x}" for op, x in zip(ops, nums[1:])])
         rows.append(dict(id=f"arith-L{level}-s{seed}-{len(rows):03d}", problem=f"What is {expr}?",
-                         answer=str(value), source="arith", level=level, numbers=nums, ops=list(ops),
+                         answer=str(value), source="arith", answer_format="number", level=level,
+                         numbers=nums, ops=list(ops),
                          reframed=STORIES[ops].format(*nums, name=name, item=item)))
     return rows
 
@@ -197,6 +200,10 @@ def make_arith(n=16, seed=0, level=1):
 # Prompts
 
 SOLVER_SYSTEM = "Think step by step, then put your final answer in \\boxed{}."
+# rows with answer_format "number" (arith): a 135M model rarely writes \boxed{}, so it is asked for
+# the bare number, and the last number of a completion without a box is its answer
+NUMBER_SYSTEM = "Answer with just the number."
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 CHOICE_INSTRUCTION = "Put only the letter of the correct option in \\boxed{}."
 
 
@@ -210,7 +217,7 @@ def format_question(row):
 
 def solver_messages(row):
     """The solver's (system, user) turns: render_prompt(tokenizer, *solver_messages(row))."""
-    return SOLVER_SYSTEM, format_question(row)
+    return NUMBER_SYSTEM if row.get("answer_format") == "number" else SOLVER_SYSTEM, format_question(row)
 
 
 @functools.cache
@@ -245,6 +252,9 @@ def answer_of(text, row):
     if row.get("choices"):
         return hms.extract_choice(text, len(row["choices"]))
     boxed = hms.extract_answer(text)
+    if boxed is None and row.get("answer_format") == "number":
+        numbers = _NUMBER.findall(text)
+        boxed = numbers[-1] if numbers else None
     return None if boxed is None else hms.normalize_answer(boxed)
 
 

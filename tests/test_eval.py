@@ -271,3 +271,17 @@ def test_cli_on_arith(tmp_path):
     ev.main(["--model", "tiny", "--data", "arith", "--arith-n", "2", "--n", "2", "--max-new-tokens", "3",
              "--device", "cpu", "--out-dir", str(tmp_path)])
     assert (tmp_path / "arith-tiny.json").is_file() and (tmp_path / "arith-tiny.samples.jsonl").is_file()
+
+
+def test_arith_asks_for_the_bare_number_and_reads_the_last_one():
+    row = ev.load_benchmark("arith", n=1, seed=0)[0]
+    system, user = ev.solver_messages(row)
+    assert system == "Answer with just the number." and user == row["problem"]
+    value = int(row["answer"])
+    assert ev.is_correct(f"{value - 1}? No: {value}", row)
+    assert not ev.is_correct(f"{value}, or maybe {value + 1}.", row)
+    assert ev.is_correct(f"\\boxed{{{value}}} though 99 is near", row)  # a box still wins
+    assert ev.answer_of("no digits here", row) is None
+    # benchmarks without answer_format keep the strict rule: no box, no answer
+    math_row = {"id": "m", "problem": "1 + 1?", "answer": "2"}
+    assert ev.answer_of("it is 2", math_row) is None and ev.solver_messages(math_row)[0] == ev.SOLVER_SYSTEM
