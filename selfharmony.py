@@ -92,6 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128, help="questions a step, over all ranks")
     p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longest prompt; longer is an error")
     p.add_argument("--max-new-tokens", type=int, default=3072, help="longest completion")
+    p.add_argument("--rollout-batch", type=int, default=0, help="questions a generate call (0: the whole batch); bounds the KV cache")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, also divides logits when scoring")
     # optimisation
     p.add_argument("--lr", type=float, default=3e-6, help="AdamW learning rate")
@@ -140,9 +141,11 @@ def solver_prompt(tokenizer, row, limit, problem=None):
 
 def rollout(model, tokenizer, rows, args, generator, stops):
     """Prompts and G completions of each view, prompt-major; and x' per question when separate."""
-    def sample(prompts):
-        return generate(model, prompts, args.max_new_tokens, n=args.n_rollouts, temperature=args.temperature,
-                        stop_ids=stops, generator=generator)
+    def sample(prompts, n=args.n_rollouts):  # --rollout-batch questions a call bounds the KV cache
+        chunk = args.rollout_batch or len(prompts)
+        return [c for i in range(0, len(prompts), chunk)
+                for c in generate(model, prompts[i : i + chunk], args.max_new_tokens, n=n,
+                                  temperature=args.temperature, stop_ids=stops, generator=generator)]
 
     limit, rewrites = args.max_prompt_tokens, None
     prompts0 = [solver_prompt(tokenizer, r, limit) for r in rows]
@@ -152,9 +155,7 @@ def rollout(model, tokenizer, rows, args, generator, stops):
         prompts1 = [solver_prompt(tokenizer, r, limit, r["reframed"]) for r in rows]
     else:  # separate: one rewrite a question, then G solutions of the rewrite
         asks = [encode(tokenizer, REWRITE_SYSTEM, format_question(r), limit, r["id"]) for r in rows]
-        outs = generate(model, asks, args.max_new_tokens, temperature=args.temperature, stop_ids=stops,
-                        generator=generator)
-        rewrites = [rewards.rewritten_problem(tokenizer.decode(o, skip_special_tokens=True)) for o in outs]
+        rewrites = [rewards.rewritten_problem(tokenizer.decode(o, skip_special_tokens=True)) for o in sample(asks, 1)]
         # a rewrite that missed the layout falls back to the original wording (logged as a share)
         prompts1 = [solver_prompt(tokenizer, r, limit, x or r["problem"]) for r, x in zip(rows, rewrites)]
     return prompts0, sample(prompts0), prompts1, sample(prompts1), rewrites
@@ -344,7 +345,7 @@ def main(argv=None):
             with autocast:
                 summary, _ = evaluate(model, tokenizer, questions, n=args.eval_n, temperature=0.8, top_p=0.95,
                                       max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens,
-                                      batch_size=max(1, args.batch_size // world), seed=args.seed)
+                                      batch_size=args.rollout_batch or args.batch_size, seed=args.seed)
             log({"step": step, "eval": {k: v for k, v in summary.items() if not k.startswith("by_")}})
             print(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in summary.items()
                                                     if isinstance(v, float)))

@@ -30,7 +30,8 @@ def read_log(out):
 
 @pytest.mark.parametrize("extra", [
     ["--selector", "hms"], ["--selector", "mv"], ["--selector", "mv2"], ["--selector", "cross"],
-    ["--selector", "gt"], ["--reframe", "given"], ["--reframe", "separate"], ["--reward", "additive"],
+    ["--selector", "gt"], ["--reframe", "given"], ["--reframe", "separate", "--rollout-batch", "1"],
+    ["--reward", "additive"],
 ])
 def test_two_step_run_logs_every_field(tmp_path, extra):
     selfharmony.main(TINY + ["--steps", "2", "--out-dir", str(tmp_path)] + extra)
