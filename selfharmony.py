@@ -194,6 +194,36 @@ def make_batch(pairs, advantages, pad_id):
     return grpo.Rollouts(ids, attention, completion, torch.as_tensor(advantages, dtype=torch.float32))
 
 
+def train_step(model, tokenizer, optimizer, scheduler, ref_model, rows, args, generator, stops, pad_id, autocast):
+    """Algorithm 1 on one batch of questions: both views, every selector's labels, rewards, and
+    one GRPO update on the rollouts of both views (token-mean over all their tokens)."""
+    t0 = time.perf_counter()
+    model.eval()
+    with autocast:
+        prompts0, comps0, prompts1, comps1, rewrites = rollout(model, tokenizer, rows, args, generator, stops)
+    texts0 = [tokenizer.decode(c, skip_special_tokens=True) for c in comps0]
+    texts1 = [tokenizer.decode(c, skip_special_tokens=True) for c in comps1]
+    t1 = time.perf_counter()
+    r0, r1, records = label_and_reward(rows, texts0, texts1, args)
+    G = args.n_rollouts  # advantages per question and per view
+    advantages = torch.cat([grpo.group_advantages(r0, G, scale=args.adv_scale),
+                            grpo.group_advantages(r1, G, scale=args.adv_scale)])
+    pairs = ([(prompts0[i // G], c) for i, c in enumerate(comps0)] +  # every row keeps its own question's prompt
+             [(prompts1[i // G], c) for i, c in enumerate(comps1)])
+    batch = make_batch(pairs, advantages, pad_id)
+    batch = grpo.Rollouts(*(t.to(model.device) for t in (batch.input_ids, batch.attention_mask,
+                                                         batch.completion_mask, batch.advantages)))
+    t2 = time.perf_counter()
+    model.train()
+    with autocast:
+        stats = grpo.step(model, optimizer, batch, args.micro_batch, ref_model, scheduler,
+                          max_grad_norm=args.max_grad_norm, clip_eps=args.clip_eps, kl_coef=args.kl_coef,
+                          temperature=args.temperature)
+    stats.update(t_sample=t1 - t0, t_reward=t2 - t1, t_update=time.perf_counter() - t2)
+    return dict(records=records, r0=r0, r1=r1, comps0=comps0, comps1=comps1, rewrites=rewrites, stats=stats,
+                texts0=texts0, texts1=texts1)
+
+
 def step_summary(records, r0, r1, comps0, comps1, rewrites, max_new, stops):
     """The step's numbers (over all ranks' questions): rewards, every selector's label accuracy, shapes."""
     G = len(r0) // len(records)
@@ -352,81 +382,74 @@ def main(argv=None):
         if ddp:
             dist.barrier()
 
-    # Ctrl-C (or SIGTERM from a scheduler) finishes the step in progress, saves, and exits
+    # Ctrl-C (or SIGTERM from a scheduler) finishes the step in progress, saves, and exits;
+    # a second Ctrl-C stops at once
     stop_requested = []
+
+    def on_signal(*_):
+        if stop_requested:
+            raise KeyboardInterrupt
+        stop_requested.append(1)
+        print("\nstopping after this step (Ctrl-C again to stop now)")
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop_requested.append(1) or print("\nstopping after this step"))
+        signal.signal(sig, on_signal)
 
     if start == 0:
         run_eval(0)
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not master, desc="train")
-    for step in bar:
-        indices, epoch = batch_indices(step, len(questions), args.batch_size, args.seed)
-        rows = [questions[i] for i in indices[rank::world]]
-        # each step draws from its own generator: a resumed run samples what an uninterrupted one would
-        generator = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 1_009 + rank)
+    try:
+        for step in bar:
+            indices, epoch = batch_indices(step, len(questions), args.batch_size, args.seed)
+            rows = [questions[i] for i in indices[rank::world]]
+            # each step draws from its own generator: a resumed run samples what an uninterrupted one would
+            generator = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 1_009 + rank)
 
-        t0 = time.perf_counter()
-        model.eval()
-        with autocast:
-            prompts0, comps0, prompts1, comps1, rewrites = rollout(model, tokenizer, rows, args, generator, stops)
-        texts0 = [tokenizer.decode(c, skip_special_tokens=True) for c in comps0]
-        texts1 = [tokenizer.decode(c, skip_special_tokens=True) for c in comps1]
-        t1 = time.perf_counter()
-        r0, r1, records = label_and_reward(rows, texts0, texts1, args)
-        G = args.n_rollouts
-        advantages = torch.cat([grpo.group_advantages(r0, G, scale=args.adv_scale),
-                                grpo.group_advantages(r1, G, scale=args.adv_scale)])
-        pairs = [(prompts0[i // G], c) for i, c in enumerate(comps0)] + [(prompts1[i // G], c) for i, c in enumerate(comps1)]
-        batch = make_batch(pairs, advantages, pad_id)
-        batch = grpo.Rollouts(*(t.to(device) for t in (batch.input_ids, batch.attention_mask,
-                                                       batch.completion_mask, batch.advantages)))
-        t2 = time.perf_counter()
-        model.train()
-        with autocast:
-            stats = grpo.step(model, optimizer, batch, args.micro_batch, ref_model, scheduler,
-                              max_grad_norm=args.max_grad_norm, clip_eps=args.clip_eps, kl_coef=args.kl_coef,
-                              temperature=args.temperature)
-        t3 = time.perf_counter()
-
-        everything = gather((records, r0, r1, comps0, comps1, rewrites, stats), world)
-        if master:
-            cat = lambda k: [x for part in everything for x in (part[k] or [])]
-            row = {"step": step + 1, "epoch": epoch, **step_summary(
-                cat(0), cat(1), cat(2), cat(3), cat(4), cat(5) if rewrites is not None else None,
-                args.max_new_tokens, stops)}
-            row["loss"] = sum(part[6]["loss"] for part in everything)  # each rank's share of the global mean
-            for k in ("kl", "clip_frac", "ratio", "grad_norm", "lr"):
-                row[k] = float(np.mean([part[6][k] for part in everything]))
-            row.update(t_sample=t1 - t0, t_reward=t2 - t1, t_update=t3 - t2)
-            log(row)
-            with open(texts_path, "a") as f:
-                for view, texts, rs in (("solve", texts0, r0), (args.reframe, texts1, r1)):
-                    for i in range(min(args.log_texts, G)):
-                        f.write(json.dumps({"step": step + 1, "id": rows[0]["id"], "view": view, "text": texts[i],
-                                            "reward": rs[i], "label": records[0]["labels"][args.selector]}) + "\n")
-            bar.write(f"step {step + 1}: reward {row['reward0']:.3f}/{row['reward1']:.3f}  label acc "
-                      f"hms {row['label_acc/hms']:.2f} mv {row['label_acc/mv']:.2f}  kl {row['kl']:.4f}  "
-                      f"len {row['len0']:.0f}/{row['len1']:.0f}  {t3 - t0:.1f}s")
-
-        done = step + 1 == total_steps
-        if args.stop_after and step + 1 - start >= args.stop_after and not done:
-            stop_requested.append(1)
-        if args.eval_every and (step + 1) % args.eval_every == 0 and not done:
-            run_eval(step + 1)
-        if stop_requested or done or (args.save_every and (step + 1) % args.save_every == 0):
+            out = train_step(model, tokenizer, optimizer, scheduler, ref_model, rows, args, generator, stops,
+                             pad_id, autocast)
+            records, r0, r1, comps0, comps1, rewrites, stats = (out[k] for k in (
+                "records", "r0", "r1", "comps0", "comps1", "rewrites", "stats"))
+            everything = gather((records, r0, r1, comps0, comps1, rewrites, stats), world)
             if master:
-                save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step + 1, args)
-            if ddp:
-                dist.barrier()
-        if stop_requested:
-            if master:
-                print(f"stopped after step {step + 1}; continue with --resume")
-            break
-    else:
-        run_eval(total_steps)
-        if master and plot(log_path, out_dir / "curves.png"):
-            print(f"wrote {out_dir / 'curves.png'}")
+                cat = lambda k: [x for part in everything for x in (part[k] or [])]
+                row = {"step": step + 1, "epoch": epoch, **step_summary(
+                    cat(0), cat(1), cat(2), cat(3), cat(4), cat(5) if rewrites is not None else None,
+                    args.max_new_tokens, stops)}
+                row["loss"] = sum(part[6]["loss"] for part in everything)  # each rank's share of the global mean
+                for k in ("kl", "clip_frac", "ratio", "grad_norm", "lr"):
+                    row[k] = float(np.mean([part[6][k] for part in everything]))
+                row.update({k: sum(part[6][k] for part in everything) / world for k in ("t_sample", "t_reward", "t_update")})
+                log(row)
+                with open(texts_path, "a") as f:
+                    for view, texts, rs in (("solve", out["texts0"], r0), (args.reframe, out["texts1"], r1)):
+                        for i in range(min(args.log_texts, args.n_rollouts)):
+                            f.write(json.dumps({"step": step + 1, "id": rows[0]["id"], "view": view, "text": texts[i],
+                                                "reward": rs[i], "label": records[0]["labels"][args.selector]}) + "\n")
+                bar.write(f"step {step + 1}: reward {row['reward0']:.3f}/{row['reward1']:.3f}  label acc "
+                          f"hms {row['label_acc/hms']:.2f} mv {row['label_acc/mv']:.2f}  kl {row['kl']:.4f}  "
+                          f"len {row['len0']:.0f}/{row['len1']:.0f}  {row['t_sample'] + row['t_reward'] + row['t_update']:.1f}s")
+
+            done = step + 1 == total_steps
+            if args.stop_after and step + 1 - start >= args.stop_after and not done:
+                stop_requested.append(1)
+            if args.eval_every and (step + 1) % args.eval_every == 0 and not done:
+                run_eval(step + 1)
+            if stop_requested or done or (args.save_every and (step + 1) % args.save_every == 0):
+                if master:
+                    save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step + 1, args)
+                if ddp:
+                    dist.barrier()
+            if stop_requested:
+                if master:
+                    print(f"stopped after step {step + 1}; continue with --resume")
+                break
+        else:
+            run_eval(total_steps)
+            if master and plot(log_path, out_dir / "curves.png"):
+                print(f"wrote {out_dir / 'curves.png'}")
+    except torch.OutOfMemoryError:
+        raise SystemExit(f"out of memory in step {step + 1}: lower --micro-batch, --rollout-batch or "
+                         "--max-new-tokens, or add --grad-checkpointing; --resume continues from the last checkpoint")
     if ddp:
         dist.destroy_process_group()
 
