@@ -322,6 +322,8 @@ def main(argv=None):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     compute_dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     out_dir = Path(args.out_dir)
+    if not args.resume and (out_dir / "log.jsonl").exists():
+        raise SystemExit(f"{out_dir} holds a run already: pass --resume to continue it, or another --out-dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
 

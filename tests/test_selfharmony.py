@@ -100,6 +100,8 @@ def test_resume_gives_the_same_next_step(tmp_path):
     assert [drop(r) for r in read_log(tmp_path / "split")] == [drop(r) for r in read_log(tmp_path / "straight")]
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit, match="--resume"):  # a fresh run never writes over a finished one
+        selfharmony.main(common + ["--out-dir", str(tmp_path / "straight")])
 
 
 def _free_port():
