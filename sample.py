@@ -147,7 +147,7 @@ class KVCache(Cache):
     def __init__(self, config, batch, max_len, dtype, device):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # zeros: hidden padding must not be NaN
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # zeros: no uninitialised memory in view
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.pos = 0
         self.rows = slice(0, batch)

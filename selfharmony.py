@@ -298,6 +298,7 @@ def plot(log_path, png_path):
                                                   for r in evals], "o-", label=f"{key}@k")
     axes[2].set_title("accuracy on the questions")
     for ax in axes:
+        ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("step")
         ax.legend()
     fig.tight_layout()
