@@ -231,6 +231,8 @@ def step_summary(records, r0, r1, comps0, comps1, rewrites, max_new, stops):
     for s in hms.SELECTORS:  # (label of view 0, label of view 1): they differ under cross only
         out[f"label_acc/{s}"] = float(np.mean([y == rec["gold"] for rec in records for y in rec["labels"][s]]))
         out[f"no_label/{s}"] = float(np.mean([y is None for rec in records for y in rec["labels"][s]]))
+    for v in ("0", "1"):  # how often each view reaches the gold answer: is the view invariance there?
+        out[f"acc{v}"] = float(np.mean([a == rec["gold"] for rec in records for a in rec["answers" + v]]))
     out["hms_mv_agree"] = float(np.mean([rec["labels"]["hms"][0] == rec["labels"]["mv"][0] for rec in records]))
     out["flat_groups"] = (grpo.count_flat_groups(r0, G) + grpo.count_flat_groups(r1, G)) / (2 * len(records))
     out["format"] = float(np.mean([rec["format"] for rec in records]))

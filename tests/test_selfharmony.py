@@ -18,10 +18,10 @@ from sample import tiny_model
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--data", "arith", "--arith-n", "4", "--batch-size", "2", "--n-rollouts", "4",
         "--max-new-tokens", "12", "--eval-n", "2", "--lr", "1e-3", "--micro-batch", "4"]
-STEP_FIELDS = ["step", "epoch", "reward0", "reward1", "hms_mv_agree", "flat_groups", "format", "p_div", "len0",
-               "len1", "truncated0", "truncated1", "loss", "kl", "clip_frac", "ratio", "grad_norm", "lr",
-               "t_sample", "t_reward", "t_update"] + [f"{k}/{s}" for k in ("label_acc", "no_label")
-                                                      for s in ("hms", "mv", "mv2", "cross", "gt")]
+STEP_FIELDS = ["step", "epoch", "reward0", "reward1", "acc0", "acc1", "hms_mv_agree", "flat_groups", "format",
+               "p_div", "len0", "len1", "truncated0", "truncated1", "loss", "kl", "clip_frac", "ratio", "grad_norm",
+               "lr", "t_sample", "t_reward", "t_update"] + [f"{k}/{s}" for k in ("label_acc", "no_label")
+                                                           for s in ("hms", "mv", "mv2", "cross", "gt")]
 
 
 def read_log(out):
@@ -40,7 +40,9 @@ def test_two_step_run_logs_every_field(tmp_path, extra):
     assert [r["step"] for r in train] == [1, 2]
     for r in train:
         assert set(STEP_FIELDS) <= set(r), set(STEP_FIELDS) - set(r)
-        assert 0 <= r["label_acc/gt"] <= 1 and r["label_acc/gt"] == 1.0  # gold vs gold
+        assert r["label_acc/gt"] == 1.0  # gold vs gold
+        if extra == ["--selector", "gt"]:  # the solver reward is then the accuracy the log measures
+            assert r["acc0"] == pytest.approx(r["reward0"])
     if "separate" in extra:
         assert all("rewrite_failed" in r for r in train)
     evals = [r for r in rows if "eval" in r]
@@ -68,6 +70,11 @@ def test_each_rollout_is_rewarded_against_its_own_question():
     assert r0 == [1, 1, 0, 1, 1, 0, 0, 0]
     # fused: gated by correctness, the second rollout of a misses REWRITTEN PROBLEM: 1 - 0.1 * 1/3
     assert r1 == pytest.approx([1, 1 - 0.1 / 3, 0, 0, 1, 1, 1, 1])
+    # what the log measures against the hidden gold answers (3 and 7), by hand
+    log = selfharmony.step_summary(records, r0, r1, [[5, 2]] * 8, [[5, 5, 5]] * 8, None, max_new=3, stops=[2])
+    assert log["acc0"] == 4 / 8 and log["acc1"] == 6 / 8
+    assert log["label_acc/hms"] == 1.0 and log["label_acc/mv"] == 0.5 and log["hms_mv_agree"] == 0.5
+    assert log["truncated0"] == 0.0 and log["truncated1"] == 1.0 and log["flat_groups"] == 1 / 4
 
 
 def test_every_row_has_its_own_prompt_and_completion_mask():
