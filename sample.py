@@ -24,6 +24,7 @@ Run it:
 """
 
 import argparse
+import functools
 import importlib.metadata
 import inspect
 import os
@@ -177,10 +178,16 @@ class _KVLayer(DynamicLayer):
         return self.cache.pos  # HF sizes its causal mask as get_seq_length() + new tokens
 
 
+@functools.cache
+def _cache_kwarg(model_class):
+    # transformers renamed `past_key_values` to `cache` in 5.2x; the GPU machine runs an older 5.x.
+    # Asked once per class: inspect.signature every decode step would sit in the hot loop.
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 def forward_last(model, ids, attention_mask, position_ids, cache):
     """Logits of the last position only (b, V), reading and extending the cache."""
-    # transformers renamed `past_key_values` to `cache` in 5.2x; the GPU machine runs an older 5.x
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    name = _cache_kwarg(type(model))
     out = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
                 use_cache=True, logits_to_keep=1, **{name: cache})
     return out.logits[:, -1]

@@ -412,24 +412,25 @@ def main(argv=None):
 
             out = train_step(model, tokenizer, optimizer, scheduler, ref_model, rows, args, generator, stops,
                              pad_id, autocast)
-            records, r0, r1, comps0, comps1, rewrites, stats = (out[k] for k in (
-                "records", "r0", "r1", "comps0", "comps1", "rewrites", "stats"))
-            everything = gather((records, r0, r1, comps0, comps1, rewrites, stats), world)
+            # every rank's numbers (not its texts) reach rank 0, which logs
+            everything = gather({k: v for k, v in out.items() if not k.startswith("texts")}, world)
             if master:
                 cat = lambda k: [x for part in everything for x in (part[k] or [])]
                 row = {"step": step + 1, "epoch": epoch, **step_summary(
-                    cat(0), cat(1), cat(2), cat(3), cat(4), cat(5) if rewrites is not None else None,
-                    args.max_new_tokens, stops)}
-                row["loss"] = sum(part[6]["loss"] for part in everything)  # each rank's share of the global mean
-                for k in ("kl", "clip_frac", "ratio", "grad_norm", "lr"):
-                    row[k] = float(np.mean([part[6][k] for part in everything]))
-                row.update({k: sum(part[6][k] for part in everything) / world for k in ("t_sample", "t_reward", "t_update")})
+                    cat("records"), cat("r0"), cat("r1"), cat("comps0"), cat("comps1"),
+                    cat("rewrites") if out["rewrites"] is not None else None, args.max_new_tokens, stops)}
+                stats = [part["stats"] for part in everything]
+                row["loss"] = sum(st["loss"] for st in stats)  # each rank's share of the global mean
+                for k in ("kl", "clip_frac", "ratio", "grad_norm", "lr", "t_sample", "t_reward", "t_update"):
+                    row[k] = float(np.mean([st[k] for st in stats]))
                 log(row)
                 with open(texts_path, "a") as f:
-                    for view, texts, rs in (("solve", out["texts0"], r0), (args.reframe, out["texts1"], r1)):
+                    for view, v in (("solve", "0"), (args.reframe, "1")):
+                        texts, rs = out["texts" + v], out["r" + v]
                         for i in range(min(args.log_texts, args.n_rollouts)):
                             f.write(json.dumps({"step": step + 1, "id": rows[0]["id"], "view": view, "text": texts[i],
-                                                "reward": rs[i], "label": records[0]["labels"][args.selector]}) + "\n")
+                                                "reward": rs[i], "label": out["records"][0]["labels"][args.selector]})
+                                    + "\n")
                 bar.write(f"step {step + 1}: reward {row['reward0']:.3f}/{row['reward1']:.3f}  label acc "
                           f"hms {row['label_acc/hms']:.2f} mv {row['label_acc/mv']:.2f}  kl {row['kl']:.4f}  "
                           f"len {row['len0']:.0f}/{row['len1']:.0f}  {row['t_sample'] + row['t_reward'] + row['t_update']:.1f}s")
