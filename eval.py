@@ -201,7 +201,9 @@ def make_arith(n=16, seed=0, level=1):
 
 SOLVER_SYSTEM = "Think step by step, then put your final answer in \\boxed{}."
 # rows with answer_format "number" (arith): a 135M model rarely writes \boxed{}, so it is asked for
-# the bare number, and the last number of a completion without a box is its answer
+# the bare number, and the last number of a FINISHED completion without a box is its answer. A
+# completion cut off by max_new_tokens has none: it stopped mid-sentence, and its last number is
+# most often one of the question's own (measured on SmolLM2-135M: "To add 4 and 1, we ..." -> 1).
 NUMBER_SYSTEM = "Answer with just the number."
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 CHOICE_INSTRUCTION = "Put only the letter of the correct option in \\boxed{}."
@@ -247,20 +249,21 @@ def gold_answer(row):
     return row["answer"] if row.get("choices") else hms.normalize_answer(row["answer"])
 
 
-def answer_of(text, row):
-    """A completion's answer in the same normal form (a letter for multiple choice); None if none."""
+def answer_of(text, row, finished=True):
+    """A completion's answer in the same normal form (a letter for multiple choice); None if none.
+    finished: the completion ended with a stop token (False: cut off by max_new_tokens)."""
     if row.get("choices"):
         return hms.extract_choice(text, len(row["choices"]))
     boxed = hms.extract_answer(text)
-    if boxed is None and row.get("answer_format") == "number":
+    if boxed is None and finished and row.get("answer_format") == "number":
         numbers = _NUMBER.findall(text)
         boxed = numbers[-1] if numbers else None
     return None if boxed is None else hms.normalize_answer(boxed)
 
 
-def is_correct(text, row):
+def is_correct(text, row, finished=True):
     """1[answer of the completion = gold]; a completion without an answer is wrong."""
-    answer = answer_of(text, row)
+    answer = answer_of(text, row, finished)
     return answer is not None and answer == gold_answer(row)
 
 
@@ -315,7 +318,7 @@ def evaluate(model, tokenizer, rows, *, n=16, temperature=0.8, top_p=0.95, max_n
     """
     Sample n completions a question with the solver prompt, plus one greedy completion if
     greedy, and grade them. Returns (summary from summarize(), records: one dict a completion
-    {id, kind, index, text, answer, correct}). batch_size counts questions a generate call.
+    {id, kind, index, text, finished, answer, correct}). batch_size counts questions a generate call.
     """
     if not rows:
         raise ValueError("no questions to evaluate")
@@ -334,8 +337,10 @@ def evaluate(model, tokenizer, rows, *, n=16, temperature=0.8, top_p=0.95, max_n
                                        temperature=temp, top_p=top_p, stop_ids=stops, generator=generator)
                 for j, ids in enumerate(outs):  # prompt-major: the k samples of a question are adjacent
                     row, text = rows[start + j // k], tokenizer.decode(ids, skip_special_tokens=True)
-                    records[kind].append(dict(id=row["id"], kind=kind, index=j % k, text=text,
-                                              answer=answer_of(text, row), correct=is_correct(text, row)))
+                    done = ids[-1] in stops
+                    records[kind].append(dict(id=row["id"], kind=kind, index=j % k, text=text, finished=done,
+                                              answer=answer_of(text, row, done),
+                                              correct=is_correct(text, row, done)))
                 bar.update(len(outs) // k)
     model.train(was_training)
     by_question = [records["sampled"][i * n : (i + 1) * n] for i in range(len(rows))]

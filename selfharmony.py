@@ -161,12 +161,16 @@ def rollout(model, tokenizer, rows, args, generator, stops):
     return prompts0, sample(prompts0), prompts1, sample(prompts1), rewrites
 
 
-def label_and_reward(rows, texts0, texts1, args):
-    """Rewards of every rollout (view 0, view 1) and a record a question with every selector's labels."""
+def label_and_reward(rows, texts0, texts1, done0, done1, args):
+    """Rewards of every rollout (view 0, view 1) and a record a question with every selector's labels.
+    done0, done1: whether each rollout ended with a stop token (eval.answer_of reads no bare number
+    from a cut-off one)."""
     G, r0, r1, records = args.n_rollouts, [], [], []
     for q, row in enumerate(rows):
-        t0, t1 = texts0[q * G : (q + 1) * G], texts1[q * G : (q + 1) * G]  # this question's own rollouts
-        a0, a1 = [answer_of(t, row) for t in t0], [answer_of(t, row) for t in t1]
+        own = slice(q * G, (q + 1) * G)  # this question's own rollouts
+        t0, t1 = texts0[own], texts1[own]
+        a0 = [answer_of(t, row, d) for t, d in zip(t0, done0[own])]
+        a1 = [answer_of(t, row, d) for t, d in zip(t1, done1[own])]
         gold = gold_answer(row)  # measured for every selector; trains only under --selector gt
         labels = {s: hms.select_labels(s, a0, a1, gold=gold) for s in hms.SELECTORS}
         y0, y1 = labels[args.selector]
@@ -204,7 +208,8 @@ def train_step(model, tokenizer, optimizer, scheduler, ref_model, rows, args, ge
     texts0 = [tokenizer.decode(c, skip_special_tokens=True) for c in comps0]
     texts1 = [tokenizer.decode(c, skip_special_tokens=True) for c in comps1]
     t1 = time.perf_counter()
-    r0, r1, records = label_and_reward(rows, texts0, texts1, args)
+    done0, done1 = [c[-1] in stops for c in comps0], [c[-1] in stops for c in comps1]
+    r0, r1, records = label_and_reward(rows, texts0, texts1, done0, done1, args)
     G = args.n_rollouts  # advantages per question and per view
     advantages = torch.cat([grpo.group_advantages(r0, G, scale=args.adv_scale),
                             grpo.group_advantages(r1, G, scale=args.adv_scale)])

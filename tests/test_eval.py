@@ -251,7 +251,7 @@ def test_cli_end_to_end_on_the_tiny_model(tmp_path):
     assert results["questions"] == 2 and results["mean@3"] == summary["mean@3"] and "greedy" in results
     assert set(results["by_subject"]) == {"add", "mc"}
     assert len(samples) == 2 * 3 + 2 and {s["id"] for s in samples} == {"a", "b"}
-    assert all(set(s) == {"id", "kind", "index", "text", "answer", "correct"} for s in samples)
+    assert all(set(s) == {"id", "kind", "index", "text", "finished", "answer", "correct"} for s in samples)
 
 
 def test_evaluate_reproduces_with_a_seed_and_restores_train_mode():
@@ -282,6 +282,10 @@ def test_arith_asks_for_the_bare_number_and_reads_the_last_one():
     assert not ev.is_correct(f"{value}, or maybe {value + 1}.", row)
     assert ev.is_correct(f"\\boxed{{{value}}} though 99 is near", row)  # a box still wins
     assert ev.answer_of("no digits here", row) is None
+    # a completion cut off by max_new_tokens names no bare number (it is most often the question's own)
+    assert ev.answer_of(f"To add {value} and", row, finished=False) is None
+    assert not ev.is_correct(f"so {value}", row, finished=False)
+    assert ev.is_correct(f"\\boxed{{{value}}} and then", row, finished=False)  # a box is an answer anyway
     # benchmarks without answer_format keep the strict rule: no box, no answer
     math_row = {"id": "m", "problem": "1 + 1?", "answer": "2"}
     assert ev.answer_of("it is 2", math_row) is None and ev.solver_messages(math_row)[0] == ev.SOLVER_SYSTEM

@@ -62,7 +62,7 @@ def test_each_rollout_is_rewarded_against_its_own_question():
     texts1 = [fused(3), "STRATEGY: x\nSOLUTION: " + box(3), fused(4), fused(4)] + [fused(7)] * 4
     args = selfharmony.parse_args(["--w-format", "0.1", "--w-div", "0.0"])  # G = 16 by default: set 4
     args.n_rollouts = 4
-    r0, r1, records = selfharmony.label_and_reward(rows, texts0, texts1, args)
+    r0, r1, records = selfharmony.label_and_reward(rows, texts0, texts1, [True] * 8, [True] * 8, args)
     # a: 3 is the only answer in both views -> y* = 3. b: 8 never appears in view 1, so HMS picks
     # 7 (HM = 2 * 1/4 * 1 / (5/4) = 0.4) where the vote over view 0 picks 8
     assert [rec["labels"]["hms"][0] for rec in records] == ["3", "7"]
@@ -183,3 +183,19 @@ def test_bad_input_is_a_clear_message(tmp_path, capsys, argv, message):
         selfharmony.main(argv)
     text = str(e.value.code) + capsys.readouterr().err
     assert (message or "invalid choice") in text
+
+
+def test_a_cut_off_rollout_names_no_bare_number():
+    # arith reads the last number of a finished completion; a cut-off one ("To add 4 and 1, we")
+    # would otherwise vote for the question's own operand in both views
+    row = {"id": "a", "problem": "What is 4 + 1?", "answer": "5", "answer_format": "number"}
+    args = selfharmony.parse_args(["--reframe", "given"])
+    args.n_rollouts = 4
+    texts = ["5", "It is 5.", "To add 4 and 1, we", "To add 4 and 1, we"]
+    done = [True, True, False, False]
+    r0, r1, records = selfharmony.label_and_reward([row], texts, texts, done, done, args)
+    assert records[0]["answers0"] == ["5", "5", None, None] and records[0]["labels"]["mv"] == ("5", "5")
+    assert r0 == r1 == [1, 1, 0, 0]
+    # the same texts read as finished: the operand 1 ties 5 and wins the tie on the smaller string
+    _, _, records = selfharmony.label_and_reward([row], texts, texts, [True] * 4, [True] * 4, args)
+    assert records[0]["labels"]["mv"] == ("1", "1")
