@@ -17,8 +17,9 @@ Departures: pass@k is the plain "any of the k drawn samples", not the unbiased e
 Chen et al. (2021) for k < n. The paper's GPQA row implies 197 questions; this loads the public 198.
 MMLU-Pro defaults to the 70-question validation split the paper's numbers imply (`mmlu_pro_test`
 is the 12032-question test split). `arith` is this project's own generated task for the CPU demo;
-its rows ask for the bare number and, where a completion has no box, its last number is the
-answer (SmolLM2-135M rarely writes \\boxed{}); every other benchmark needs the box.
+its rows ask for the bare number and, where a finished completion has no box, its last number
+is the answer (SmolLM2-135M rarely writes \\boxed{}); a completion cut off by the token limit
+has no bare-number answer, and every other benchmark needs the box.
 
 Run it:
     python eval.py --model smollm2 --data arith --n 8 --max-new-tokens 64
