@@ -1,113 +1,305 @@
 """
-Benchmark: sample.generate against Hugging Face model.generate on the same prompts, in one run.
+Benchmark: our sampler (sample.generate, eager and fast engines) against Hugging Face
+model.generate, on the same prompts, in one run. Every column samples at temperature 1.0 with no
+top-k / top-p truncation. The columns:
+  HF dynamic          model.generate with its default (dynamic) cache;
+  HF static+compile   model.generate with a static cache, with which generate torch.compiles its
+                      decode forward (CUDA only); compile time is printed on a line of its own;
+  ours eager          sample.generate(engine="eager"), the plain reference loop;
+  ours fast           sample.generate(engine="fast"), engine.py's slot pool and CUDA graphs.
+The figures of each column:
+  new/row  mean new tokens a row, up to and including its stop token;
+  tok/s    new tokens / wall time (prefill included);
+  ms/step  wall time / decode steps, where decode steps = ceil(new tokens / R) with R the rows in
+           flight (all rows, or the max_rows cap): the steps an ideal schedule needs. For rows of
+           equal length it is the new-token count; on ragged rows a loop that keeps finished rows
+           in its batch (HF) runs more steps than that, and shows it as a higher ms/step;
+  floor    floor time / wall time, the share of the memory floor. The floor time reads each byte a
+           decode step must read once, at the copy bandwidth measured at the start:
+               (W * steps + kv * sum over rows of sum_{j<k} (L + j)) / bandwidth
+           with W the bytes of the weights, kv the K+V bytes of one token over all layers, L a row's
+           prompt length and k its new tokens. 1.0 is a perfectly memory-bound decoder.
 
-Both sample at temperature 1.0 with no top-k / top-p truncation. Each case prints tokens per
-second for each (new tokens up to and including the stop token) and the ratio ours / HF.
-Cases:
-  equal-B       B rows, one short prompt each, forced to the same length (no stop tokens);
-  prefix 4x16   4 prompts of ~400 tokens, 16 samples each, 64 new tokens, forced length;
+Cases on a random-weight model (the default on CUDA: Qwen3-1.7B's shapes in bf16), random prompts:
+  equal-B       B rows, each its own 250-token prompt, 256 new tokens forced (no stop ids);
+  ragged 32x16  32 prompts of 250 tokens x 16 samples, up to 1024 new tokens, at most 256 rows in
+                flight (HF: two calls of 16 prompts). Random weights give near-uniform logits and
+                never pick EOS, so a random set of round(p V) ids stops rows instead, with p solving
+                (1 - (1-p)^1024) / p = 500: ~500 new tokens a row on average, the paper's shape.
+Cases on a text model (the default on the CPU: SmolLM2-135M-Instruct, float32):
+  equal-B       B rows, one short question each, 64 new tokens forced;
+  prefix 4x16   4 prompts of ~400 tokens, 16 samples each, 64 new tokens forced;
   ragged 8x16   8 arithmetic questions, 16 samples each, real stop ids, up to 256 new tokens.
 
-    python bench.py                       # CPU: SmolLM2-135M-Instruct, float32
-    python bench.py --device cuda         # GPU: random weights of Qwen3-1.7B's shapes, bf16
-On the random-weight model no row would ever sample EOS, so the ragged case stops on a random
-0.5% of the vocabulary instead (rows then end after ~200 tokens, geometrically spread).
+    python bench.py                                  # CPU, SmolLM2; no static+compile column
+    python bench.py --device cuda --json bench.json  # all four columns on every case
+    python bench.py --device cuda --quick            # under 4 GPU minutes: the equal cases without
+                                                     # static+compile, ragged with it and ours fast only
 """
 
 import argparse
+import dataclasses
+import json
+import math
+import platform
 import time
 
 import torch
+import transformers
+from transformers import CompileConfig
 
-from sample import generate, load_model, stop_ids
+from sample import generate, kv_bytes_per_token, load_model, stop_ids
 
+COLUMNS = ("HF dynamic", "HF static+compile", "ours eager", "ours fast")
+SHAPED = ("HF static+compile", "ours fast")  # compiled or graph-captured: they specialise on shapes
 STORY = ("The lighthouse keeper counted the ships that passed each night and wrote their names in a "
          "ledger that his grandmother had started. ")
 
 
-def qwen3_1p7b_random(device):
-    """Random weights in the shapes of Qwen3-1.7B (no download), bf16."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-    config = Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                         num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-                         max_position_embeddings=40960, rope_theta=1000000.0)
-    with torch.device(device):
-        model = Qwen3ForCausalLM(config).to(torch.bfloat16)
-    return model.eval()
+@dataclasses.dataclass
+class Case:
+    """n samples of each prompt, up to max_new new tokens, at most max_rows rows in flight."""
+    name: str
+    prompts: list
+    n: int
+    max_new: int
+    stops: tuple = ()  # none: every row is forced to max_new tokens
+    max_rows: int | None = None
+
+    @property
+    def rows_in_flight(self):
+        return min(self.max_rows or math.inf, len(self.prompts) * self.n)
 
 
-def hf_generate(model, prompts, max_new, n, stops, pad_id, generator_seed):
-    """model.generate on a left-padded batch; returns the new tokens of each row cut after its stop."""
+def stop_fraction(mean, max_new):
+    """p such that a row stopped with chance p each step, cut at max_new, has `mean` new tokens:
+    E[min(G, max_new)] = (1 - (1-p)^max_new) / p = mean, G ~ Geometric(p) on 1, 2, ..."""
+    lo, hi = 1e-9, 1.0  # the mean falls as p grows: bisect
+    for _ in range(100):
+        p = (lo + hi) / 2
+        lo, hi = (p, hi) if (1 - (1 - p) ** max_new) / p > mean else (lo, p)
+    return p
+
+
+def random_cases(vocab, batches, which, max_new, seed):
+    """The paper-shaped cases on random token prompts (see the top); max_new, if set, replaces 256 / 1024."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = lambda: torch.randint(0, vocab, (250,), generator=g).tolist()
+    equal = [Case(f"equal-{b}", [prompt() for _ in range(b)], 1, max_new or 256) for b in batches]
+    cases = equal if "equal" in which else []
+    if "ragged" in which:  # last: generate keeps its static cache at the longest length it has seen
+        M = max_new or 1024
+        p = stop_fraction(min(500, M / 2), M)
+        stops = torch.randperm(vocab, generator=g)[: max(1, round(p * vocab))].tolist()
+        prompts = [prompt() for _ in range(32)]
+        cases.append(Case("ragged 32x16", prompts, 16, M, tuple(stops), max_rows=256))
+    return cases
+
+
+def text_cases(tok, stops, batches, which, max_new):
+    """The CPU cases on chat prompts (see the top); max_new, if set, replaces 64 / 256."""
+    chat = lambda text: tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                add_generation_prompt=True)
+    encode = lambda text: tok.encode(chat(text), add_special_tokens=False)
+    question = lambda i: encode(f"What is {i % 9 + 1} + {(3 * i) % 9 + 1}? "
+                                "Think step by step, then give the number.")
+    equal = [Case(f"equal-{b}", [question(i) for i in range(b)], 1, max_new or 64) for b in batches]
+    cases = equal if "equal" in which else []
+    if "prefix" in which:
+        long = [encode(f"Story {i}: " + STORY * 14 + " What did he count?") for i in range(4)]
+        cases.append(Case("prefix 4x16", long, 16, max_new or 64))
+    if "ragged" in which:
+        cases.append(Case("ragged 8x16", [question(i) for i in range(8)], 16, max_new or 256, tuple(stops)))
+    return cases
+
+
+def timed(fn, device):
+    """(seconds, fn()), waiting for the device before and after."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def copy_bandwidth(device, reps=10):
+    """Bytes a second the device moves copying one large tensor, the read and the write both counted:
+    the best of 3 rounds of `reps` copies (the first round also touches the fresh memory)."""
+    src = torch.ones(2**30 if device == "cuda" else 2**28, dtype=torch.uint8, device=device)  # 1 GiB; 256 MiB
+    dst = torch.empty_like(src)
+    seconds = min(timed(lambda: [dst.copy_(src) for _ in range(reps)], device)[0] for _ in range(3))
+    return 2 * src.numel() * reps / seconds
+
+
+def weight_bytes(model):
+    """Bytes of weights a decode step reads: all, less an untied input embedding (it reads B rows of that)."""
+    emb = model.get_input_embeddings().weight
+    untied = model.get_output_embeddings().weight is not emb
+    return sum(p.nbytes for p in model.parameters()) - (emb.nbytes if untied else 0)
+
+
+def decode_steps(lengths, rows_in_flight):
+    """Steps an ideal schedule with rows_in_flight rows needs to draw rows of these new-token counts."""
+    return math.ceil(sum(lengths) / rows_in_flight)
+
+
+def floor_seconds(lengths, prompt_lengths, w_bytes, kv_bytes, rows_in_flight, bandwidth):
+    """The memory floor: the weights read once a decode step, and for the j-th new token (j = 1..k) of
+    a row with an L-token prompt, the K+V of the L + j - 1 tokens before it, all at `bandwidth`."""
+    kv_tokens = sum(k * L + k * (k - 1) // 2 for k, L in zip(lengths, prompt_lengths))
+    return (w_bytes * decode_steps(lengths, rows_in_flight) + kv_bytes * kv_tokens) / bandwidth
+
+
+def hf_generate(model, prompts, max_new, n, stops, pad_id, seed, static=False):
+    """model.generate on a left-padded batch; the new tokens of each row, cut after its stop.
+    static: a static cache, with which generate compiles its decode forward on CUDA by itself
+    (GenerationMixin._valid_auto_compile_criteria); the compile_config only makes that explicit."""
     T = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts], device=model.device)
     mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=model.device)
-    torch.manual_seed(generator_seed)
-    forced = {} if stops else {"min_new_tokens": max_new}
+    torch.manual_seed(seed)
+    extra = {} if stops else {"min_new_tokens": max_new}
+    if static:
+        extra |= {"cache_implementation": "static", "compile_config": CompileConfig()}
     out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
                          top_p=1.0, max_new_tokens=max_new, num_return_sequences=n,
-                         eos_token_id=list(stops) or None, pad_token_id=pad_id, **forced)
+                         eos_token_id=list(stops) or None, pad_token_id=pad_id, **extra)
+    stops = set(stops)
     rows = out[:, T:].tolist()
     return [r[: next((i + 1 for i, t in enumerate(r) if t in stops), len(r))] for r in rows]
 
 
-def timed(fn, device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    rows = fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return sum(len(r) for r in rows) / (time.perf_counter() - t0), rows
+def run_column(column, model, case, pad_id, seed):
+    """The new tokens of every row of `case` (prompt-major), drawn the way `column` draws them."""
+    if column.startswith("HF"):  # HF keeps a row in flight to the end: max_rows means calls of fewer prompts
+        chunk, static = max(1, case.rows_in_flight // case.n), column == "HF static+compile"
+        return [r for i in range(0, len(case.prompts), chunk)
+                for r in hf_generate(model, case.prompts[i : i + chunk], case.max_new, case.n, case.stops,
+                                     pad_id, seed + i, static)]
+    g = torch.Generator(model.device).manual_seed(seed)
+    return generate(model, case.prompts, case.max_new, n=case.n, stop_ids=case.stops, generator=g,
+                    engine=column.removeprefix("ours "), max_rows=case.max_rows)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def warm_up_on_shapes(column, model, case, pad_id, device):
+    """Seconds of one call on the case's shapes (one in-flight batch, the same prompt and cache lengths)
+    that stops after a dozen steps, every even id being a stop."""
+    if column == "HF static+compile":
+        torch.compiler.reset()  # a fresh compile for this case's batch and cache shapes, timed below
+    chunk, evens = max(1, case.rows_in_flight // case.n), tuple(range(0, model.config.vocab_size, 2))
+    short = dataclasses.replace(case, prompts=case.prompts[:chunk], stops=evens)
+    return timed(lambda: run_column(column, model, short, pad_id, seed=0), device)[0]
+
+
+def columns_to_run(case, gpu, quick):
+    """No static+compile off CUDA. --quick times the equal cases with HF dynamic and ours, and the
+    ragged one with HF static+compile and ours fast: the slow columns would not fit in 4 minutes."""
+    columns = set(COLUMNS) if gpu else set(COLUMNS) - {"HF static+compile"}
+    if quick:
+        ragged = case.name.startswith("ragged")
+        columns &= set(SHAPED) if ragged else {"HF dynamic", "ours eager", "ours fast"}
+    return columns
+
+
+def print_row(case, column, r=None):
+    """One line of the table, as soon as it is measured; '-' for a column the case skips."""
+    figures = (f"{r['mean_new']:>8.1f}{r['tok_s']:>10.1f}{r['ms_step']:>9.2f}{r['floor_share']:>7.2f}" if r
+               else f"{'-':>8}{'-':>10}{'-':>9}{'-':>7}")
+    rows, prompt = len(case.prompts) * case.n, max(map(len, case.prompts))
+    print(f"{case.name:<14}{rows:>6}{prompt:>8}  {column:<19}{figures}", flush=True)
+
+
+def measure(column, model, case, pad_id, seed, w_bytes, kv_bytes, bandwidth, device):
+    """Time one column on one case (after a warm-up on its shapes, for the shape-specialised columns):
+    a dict of the figures the top describes."""
+    warm = warm_up_on_shapes(column, model, case, pad_id, device) if column in SHAPED else None
+    if column == "HF static+compile":
+        print(f"  ({column}: compile and warm-up on {case.name}'s shapes took {warm:.1f} s)", flush=True)
+    seconds, rows = timed(lambda: run_column(column, model, case, pad_id, seed), device)
+    lengths = [len(r) for r in rows]
+    prompt_lengths = [len(p) for p in case.prompts for _ in range(case.n)]  # prompt-major, as the rows
+    steps = decode_steps(lengths, case.rows_in_flight)
+    floor = floor_seconds(lengths, prompt_lengths, w_bytes, kv_bytes, case.rows_in_flight, bandwidth)
+    return dict(case=case.name, column=column, rows=len(rows), prompt_len=max(prompt_lengths),
+                mean_new=sum(lengths) / len(rows), seconds=seconds, decode_steps=steps,
+                tok_s=sum(lengths) / seconds, ms_step=1000 * seconds / steps, floor_share=floor / seconds,
+                warm_up_s=warm)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    # what to run
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--model", default=None, help="model to load (default: smollm2 on cpu, random Qwen3-1.7B shapes on cuda)")
-    parser.add_argument("--batches", default=None, help="comma-separated batch sizes for the equal-length case (default 1,8,32; 1,8,32,64 on cuda)")
-    parser.add_argument("--cases", default="equal,prefix,ragged", help="which cases to run")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    args = parser.parse_args()
+    parser.add_argument("--model", default=None,
+                        help="model to load (default: smollm2 on cpu, random:qwen3-1.7b on cuda)")
+    parser.add_argument("--cases", default="equal,prefix,ragged", help="cases to run (prefix: text models)")
+    parser.add_argument("--batches", default=None,
+                        help="comma-separated rows of the equal cases (default 1,8,32; 64,256,512 on cuda)")
+    parser.add_argument("--max-new", type=int, default=None,
+                        help="new tokens of every case instead of its own (smoke runs)")
+    parser.add_argument("--columns", default=",".join(COLUMNS), help="columns to run (default: all four)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fit in 4 GPU minutes: equal cases without static+compile, ragged with only it "
+                             "and ours fast")
+    # output
+    parser.add_argument("--json", default=None,
+                        help="write every measured figure to this file, rewritten after each case")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and of sampling")
+    args = parser.parse_args(argv)
 
     gpu = args.device == "cuda"
-    if args.model is None and gpu:
-        model, tok = qwen3_1p7b_random(args.device), None
-        vocab = model.config.vocab_size
-        g = torch.Generator().manual_seed(args.seed)
-        encode = lambda text, k: torch.randint(0, vocab, (k,), generator=g).tolist()
-        stops = torch.randperm(vocab, generator=g)[: vocab // 200].tolist()
-        pad_id = 0
+    name = args.model or ("random:qwen3-1.7b" if gpu else "smollm2")
+    dtype = "bfloat16" if gpu else "float32"
+    device_name = torch.cuda.get_device_name() if gpu else platform.processor() or "cpu"
+    print(f"{device_name}, torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
+    model, tok = load_model(name, args.device, dtype)
+    batches = [int(b) for b in (args.batches or ("64,256,512" if gpu else "1,8,32")).split(",")]
+    if name.startswith("random:"):
+        cases, pad_id = random_cases(model.config.vocab_size, batches, args.cases, args.max_new, args.seed), 0
     else:
-        model, tok = load_model(args.model or "smollm2", args.device)
-        chat = lambda text: tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                    add_generation_prompt=True)
-        encode = lambda text, k: tok.encode(chat(text), add_special_tokens=False)
         stops = stop_ids(model, tok)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
-    batches = [int(b) for b in (args.batches or ("1,8,32,64" if gpu else "1,8,32")).split(",")]
-    question = lambda i: f"What is {i % 9 + 1} + {(3 * i) % 9 + 1}? Think step by step, then give the number."
-    cases = []
-    if "equal" in args.cases:
-        for b in batches:
-            cases.append((f"equal-{b}", [encode(question(i), 40) for i in range(b)], 1, 64, ()))
-    if "prefix" in args.cases:
-        long = [encode(f"Story {i}: " + STORY * 14 + " What did he count?", 400) for i in range(4)]
-        cases.append(("prefix 4x16", long, 16, 64, ()))
-    if "ragged" in args.cases:
-        cases.append(("ragged 8x16", [encode(question(i), 40) for i in range(8)], 16, 256, tuple(stops)))
+        cases = text_cases(tok, stops, batches, args.cases, args.max_new)
+    if not cases:
+        raise SystemExit(f"no case to run: --cases {args.cases!r} names none of equal, prefix (text), ragged")
 
-    generate(model, [encode("warm up", 8)], 4)  # first calls pay one-off set-up costs
-    hf_generate(model, [encode("warm up", 8)], 4, 1, (), pad_id, 0)
-    print(f"device {args.device}, model {args.model or ('random Qwen3-1.7B shapes, bf16' if gpu else 'smollm2, float32')}, "
-          f"torch {torch.__version__}")
-    print(f"{'case':<14}{'rows':>6}{'prompt':>8}{'new tok':>9}{'HF tok/s':>11}{'ours tok/s':>12}{'ratio':>8}")
-    for name, prompts, n, max_new, case_stops in cases:
-        g = torch.Generator(device=args.device).manual_seed(args.seed)
-        hf_rate, hf_rows = timed(lambda: hf_generate(model, prompts, max_new, n, case_stops, pad_id, args.seed), args.device)
-        our_rate, our_rows = timed(lambda: generate(model, prompts, max_new, n=n, stop_ids=case_stops, generator=g), args.device)
-        mean_len = sum(len(r) for r in our_rows) / len(our_rows)
-        print(f"{name:<14}{len(our_rows):>6}{max(map(len, prompts)):>8}{mean_len:>9.1f}"
-              f"{hf_rate:>11.1f}{our_rate:>12.1f}{our_rate / hf_rate:>7.2f}x", flush=True)
+    w_bytes, kv_bytes = weight_bytes(model), kv_bytes_per_token(model.config, next(model.parameters()).dtype)
+    bandwidth = copy_bandwidth(args.device)
+    meta = dict(device=args.device, device_name=device_name, torch=torch.__version__,
+                transformers=transformers.__version__, model=name, dtype=dtype, bandwidth=bandwidth,
+                weight_bytes=w_bytes, kv_bytes_per_token=kv_bytes, args=vars(args))
+    print(f"model {name} ({dtype}): weights {w_bytes / 2**30:.2f} GiB, K+V {kv_bytes / 2**10:.0f} KiB a "
+          f"token; copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+
+    # the shape-free columns pay their one-off costs (kernels, allocator) on one small call
+    small = Case("warm-up", [cases[0].prompts[0][:8]] * 2, 1, 4)
+    for column in [c for c in COLUMNS if c not in SHAPED]:
+        run_column(column, model, small, pad_id, args.seed)
+
+    print(f"{'case':<14}{'rows':>6}{'prompt':>8}  {'column':<19}{'new/row':>8}{'tok/s':>10}{'ms/step':>9}"
+          f"{'floor':>7}")
+    results = []
+    for case in cases:
+        for column in COLUMNS:
+            if column not in columns_to_run(case, gpu, args.quick) or column not in args.columns.split(","):
+                print_row(case, column)
+                continue
+            try:
+                results.append(measure(column, model, case, pad_id, args.seed, w_bytes, kv_bytes, bandwidth,
+                                       args.device))
+            except Exception as e:  # one column failing (a compile error, out of memory) keeps the others
+                print(f"  ({column} on {case.name} failed: {type(e).__name__}: {str(e)[:300]})", flush=True)
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            print_row(case, column, results[-1])
+        if args.json:  # after every case, so a killed run keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(dict(meta, results=results), f, indent=1)
+    return results
 
 
 if __name__ == "__main__":

@@ -315,11 +315,12 @@ def summarize(rows, correct, answers, greedy=None):
 
 
 def evaluate(model, tokenizer, rows, *, n=16, temperature=0.8, top_p=0.95, max_new_tokens=1024,
-             batch_size=8, seed=0, greedy=False):
+             batch_size=8, seed=0, greedy=False, engine="eager", max_rows=None):
     """
     Sample n completions a question with the solver prompt, plus one greedy completion if
     greedy, and grade them. Returns (summary from summarize(), records: one dict a completion
-    {id, kind, index, text, finished, answer, correct}). batch_size counts questions a generate call.
+    {id, kind, index, text, finished, answer, correct}). batch_size counts questions a generate call;
+    engine and max_rows (rows in flight) go to sample.generate.
     """
     if not rows:
         raise ValueError("no questions to evaluate")
@@ -335,7 +336,8 @@ def evaluate(model, tokenizer, rows, *, n=16, temperature=0.8, top_p=0.95, max_n
         for kind, k, temp in modes:
             for start in range(0, len(rows), batch_size):
                 outs = sample.generate(model, prompts[start : start + batch_size], max_new_tokens, n=k,
-                                       temperature=temp, top_p=top_p, stop_ids=stops, generator=generator)
+                                       temperature=temp, top_p=top_p, stop_ids=stops, generator=generator,
+                                       engine=engine, max_rows=max_rows)
                 for j, ids in enumerate(outs):  # prompt-major: the k samples of a question are adjacent
                     row, text = rows[start + j // k], tokenizer.decode(ids, skip_special_tokens=True)
                     done = ids[-1] in stops
@@ -380,6 +382,9 @@ def main(argv=None):
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="longest completion")
     p.add_argument("--batch-size", type=int, default=8, help="questions a generate call (each sampled n times)")
+    p.add_argument("--engine", default=None, choices=("eager", "fast"),
+                   help="sampler (default: fast on cuda, eager on cpu)")
+    p.add_argument("--max-rows", type=int, default=None, help="rows in flight at most (default: a call's all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--greedy", action="store_true", help="also report greedy (temperature 0) accuracy")
     # output
@@ -391,9 +396,10 @@ def main(argv=None):
     rows = rows[: args.limit] if args.limit else rows
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = sample.load_model(args.model, device=device, dtype=args.dtype)
+    engine = args.engine or ("fast" if device.startswith("cuda") else "eager")
     summary, records = evaluate(model, tokenizer, rows, n=args.n, temperature=args.temperature, top_p=args.top_p,
                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                                greedy=args.greedy)
+                                greedy=args.greedy, engine=engine, max_rows=args.max_rows)
     print_table(summary)
 
     tag = re.sub(r"[^\w.-]+", "_", f"{Path(args.data).stem}-{Path(args.model).name}")

