@@ -35,3 +35,17 @@ def test_main_on_tiny_model(tmp_path):
         assert r["tok_s"] > 0 and r["ms_step"] > 0 and 0 < r["floor_share"] <= 1.5
     assert all(got["equal-2", c]["mean_new"] == 4 for c in cpu_columns)  # forced length
     assert got["ragged 8x16", "ours eager"]["rows"] == 128
+
+
+def test_quick_runs_each_slow_column_on_one_case():
+    prompts = [[1, 2, 3]] * 32
+    equal = lambda b: bench.Case(f"equal-{b}", prompts[:1] * b, 1, 256)
+    ragged = bench.Case("ragged 32x16", prompts, 16, 1024, (5,), max_rows=256)
+    run = lambda case: bench.columns_to_run(case, gpu=True, quick=True)
+    assert run(equal(64)) == run(equal(512)) == {"ours fast"}
+    assert run(equal(256)) == {"ours fast", "ours eager", "HF dynamic"}
+    assert run(ragged) == {"ours fast", "HF static+compile"}
+    assert bench.columns_to_run(ragged, gpu=False, quick=False) == {"ours fast", "ours eager", "HF dynamic"}
+    # HF times one of its two calls of 16 prompts x 16 samples; the engines the whole case
+    assert len(bench.quick_share(ragged, "HF static+compile", True).prompts) == 16
+    assert bench.quick_share(ragged, "ours fast", True) is ragged and bench.quick_share(ragged, "HF dynamic", False) is ragged
