@@ -30,6 +30,7 @@ attention with the slot cache, so it reads the HF weights in place and computes 
 Weights run in their own dtype (autocast is off inside): give it the bfloat16 sampling copy.
 
     python engine.py --model smollm2     # greedy parity with the eager loop, and both timed
+    python engine.py --model random:qwen3-1.7b --device cuda    # the same on a GPU (float32), graphs too
     python engine.py --model random:qwen3-1.7b --device cuda --dtype bfloat16 --profile 256,512
                                          # one decode step: attention choices, sampling's share, kernels
 """
@@ -343,3 +344,6 @@ if __name__ == "__main__":
         if name == "eager":
             reference = greedy
     print("greedy tokens equal:", greedy == reference)
+    if args.device == "cuda":  # a replayed graph must compute what the same step computes uncaptured
+        kw = dict(max_rows=args.max_rows, temperature=0, stop_ids=stops)
+        print("graphs equal no graphs:", generate(model, prompts, args.max_new_tokens, cuda_graphs=False, **kw) == greedy)
