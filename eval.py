@@ -340,7 +340,7 @@ def evaluate(model, tokenizer, rows, *, n=16, temperature=0.8, top_p=0.95, max_n
                                        engine=engine, max_rows=max_rows)
                 for j, ids in enumerate(outs):  # prompt-major: the k samples of a question are adjacent
                     row, text = rows[start + j // k], tokenizer.decode(ids, skip_special_tokens=True)
-                    done = ids[-1] in stops
+                    done = sample.finished(ids, stops)
                     records[kind].append(dict(id=row["id"], kind=kind, index=j % k, text=text, finished=done,
                                               answer=answer_of(text, row, done),
                                               correct=is_correct(text, row, done)))

@@ -15,9 +15,11 @@ policy itself: rho = 1 in value and the clip never fires at the first and only p
 logp_old = logp.detach(), which has the same value and gradient as the release's separate
 no-grad forward and saves that forward; fill Rollouts.old_logp to run several passes.
 Options: scale="none" drops the std (Dr. GRPO); agg="seq-mean" averages within each sequence
-first; kl_coef=0 keeps no reference model. Departure: verl, under the release, clamps k3 to
-[-10, 10] and log rho to [-20, 20] and dual-clips negative advantages at rho = 3; we keep the
-plain formulas: at rho = 1 and a small KL none of those act.
+first; kl_coef=0 keeps no reference model. Departures: verl, under the release, clamps k3 to
+[-10, 10], dual-clips negative advantages at rho = 3 and adds 1e-8 to the token-mean's
+denominator (a later verl also clamps log rho to [-20, 20]; the release's does not); we keep the
+plain formulas: at rho = 1 and a small KL none of those act, and the 1e-8 is below float32's
+resolution of any real token count.
 
     python grpo.py     # a tiny random model learns to start its answer with one token
 """
@@ -70,8 +72,9 @@ def group_advantages(rewards, group_size, eps=1e-6, scale="std"):
 
     std is torch.std, the unbiased one (divides by G - 1), as the release (verl) does.
     scale="none" gives A_i = r_i - mean(r) (Dr. GRPO). With scale="std", multiplying a
-    group's rewards by c > 0 leaves A unchanged: a per-question factor such as the diversity
-    penalty (1 - w_d P_div) cancels here.
+    group's rewards by c > 0 leaves A unchanged up to eps (c (r - m) / (c s + eps) against
+    (r - m) / (s + eps)): a per-question factor such as the diversity penalty (1 - w_d P_div)
+    cancels here, to within a relative ~eps / s.
     """
     assert group_size > 1, "an advantage needs a group to compare against"
     r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)  # (n_groups, G)

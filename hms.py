@@ -91,6 +91,8 @@ _NOISE = [  # (pattern, replacement), applied in order
     (re.compile(r"\\[dtc]frac(?![A-Za-z])"), r"\\frac"),
     (re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree|°"), ""),
     (re.compile(r"(?<!\\)\\!\s*"), ""),  # 10,\!080: a negative space inside a number
+    (re.compile(r"(?<=\d)\{,\}(?=\d{3}(?!\d))"), ""),  # 10{,}080: MATH's thousands separator
+    (re.compile(r"\\(begin|end)\{[bp]?matrix\}"), r"\\\1{pmatrix}"),  # one name for the same entries
     (re.compile(r"(?<!\\)\\[,;: >]|~|\\q?quad|\\displaystyle"), " "),  # (?<!\\): keep matrix rows \\
     (re.compile(r"\\?\$|\\?%"), ""),
     (re.compile(r"\\(?:mbox|textrm|textbf|textnormal|mathrm|mathbf)\{"), r"\\text{"),
@@ -117,10 +119,13 @@ _RATIONAL = [
 
 def normalize_answer(s):
     """The canonical form of an answer string: LaTeX spacing, \\left/\\right, $, %, degrees,
-    \\text{} wrappers and trailing units, a leading `x =`, thousands commas (in a lone number
-    only) and a trailing period go; \\dfrac/\\tfrac -> \\frac with braced arguments; every number
-    that stands alone (the whole answer, or one entry of a tuple, interval or matrix) becomes
-    an integer or a reduced "p/q". Order, signs, brackets and radicals are kept."""
+    \\text{} wrappers and trailing units, a leading `x =`, thousands separators (`{,}` anywhere,
+    commas in a lone number only) and a trailing period go; \\dfrac/\\tfrac -> \\frac with braced
+    arguments; bmatrix and plain matrix -> pmatrix; every number that stands alone (the whole
+    answer, or one entry of a tuple, interval or matrix) becomes an integer or a reduced "p/q".
+    Order, signs, brackets and radicals are kept: it is a normal form, not an algebra system, so
+    equal values written differently stay apart (`a+b` vs `b+a`, `\\sqrt8` vs `2\\sqrt2`,
+    `\\frac{\\sqrt3}{3}` vs `\\frac{1}{\\sqrt3}`)."""
     s = s.strip()
     if len(s) > MAX_BOX_CHARS:  # not an answer; compared verbatim, which bounds the time
         return s

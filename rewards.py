@@ -12,8 +12,9 @@ for agreeing with y* too, and that reward is scaled down when its layout is inco
 
 Gated, correctness is the gate: a well-formatted reframing with a wrong answer earns 0.
 P_div is one number per question, shared by all G fused rollouts. GRPO normalises each group as
-(r - mean) / std, so a common factor (1 - w_d P_div) cancels exactly in the gated reward, and a
-common shift w_d (1 - P_div) cancels in the additive one. P_div acts only where advantages are not
+(r - mean) / (std + eps), so a common factor (1 - w_d P_div) cancels in the gated reward (up to
+the eps = 1e-6 beside the std), and a common shift w_d (1 - P_div) cancels exactly in the
+additive one. P_div acts only where advantages are not
 divided by the std (and, for the additive shift, not even there). The tests show both.
 The release defines these penalties but never applies them (its fused reward is the plain gate);
 this project applies them as the paper describes; w_format=0 or w_div=0 turns each off.

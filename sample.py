@@ -157,6 +157,12 @@ def load_model(name, device="cpu", dtype="float32"):
     return model.to(device).eval(), tokenizer
 
 
+def finished(completion, stop_ids):
+    """Whether a completion from generate ended with a stop token; by generate's contract the other
+    completions were cut off at max_new_tokens. The project's one stop rule."""
+    return bool(completion) and completion[-1] in stop_ids
+
+
 def stop_ids(model, tokenizer):
     """The union of the tokenizer's and the generation config's EOS ids: base and instruct disagree."""
     ids = {tokenizer.eos_token_id}

@@ -43,8 +43,8 @@ import grpo
 import hms
 import rewards
 from eval import answer_of, evaluate, format_question, gold_answer, load_benchmark, render_prompt, solver_messages
-from sample import (default_kv_budget_gb, generate, load_model, rows_for_budget, sampling_copy, stop_ids,
-                    sync_sampling_copy)
+from sample import (default_kv_budget_gb, finished, generate, load_model, rows_for_budget, sampling_copy,
+                    stop_ids, sync_sampling_copy)
 
 # -----------------------------------------------------------------------------
 # The reframer's prompts (this project's wording; METHOD.md gives the required layout)
@@ -220,7 +220,7 @@ def train_step(model, sampler, tokenizer, optimizer, scheduler, ref_model, rows,
     texts0 = [tokenizer.decode(c, skip_special_tokens=True) for c in comps0]
     texts1 = [tokenizer.decode(c, skip_special_tokens=True) for c in comps1]
     t1 = time.perf_counter()
-    done0, done1 = [c[-1] in stops for c in comps0], [c[-1] in stops for c in comps1]
+    done0, done1 = [finished(c, stops) for c in comps0], [finished(c, stops) for c in comps1]
     r0, r1, records = label_and_reward(rows, texts0, texts1, done0, done1, args)
     G = args.n_rollouts  # advantages per question and per view
     advantages = torch.cat([grpo.group_advantages(r0, G, scale=args.adv_scale),
@@ -242,7 +242,7 @@ def train_step(model, sampler, tokenizer, optimizer, scheduler, ref_model, rows,
                 texts0=texts0, texts1=texts1)
 
 
-def step_summary(records, r0, r1, comps0, comps1, rewrites, max_new, stops):
+def step_summary(records, r0, r1, comps0, comps1, rewrites, stops):
     """The step's numbers (over all ranks' questions): rewards, every selector's label accuracy, shapes."""
     G = len(r0) // len(records)
     out = {"reward0": float(np.mean(r0)), "reward1": float(np.mean(r1))}
@@ -257,7 +257,7 @@ def step_summary(records, r0, r1, comps0, comps1, rewrites, max_new, stops):
     out["p_div"] = float(np.mean([rec["p_div"] for rec in records]))
     for v, comps in (("0", comps0), ("1", comps1)):
         out[f"len{v}"] = float(np.mean([len(c) for c in comps]))
-        out[f"truncated{v}"] = float(np.mean([len(c) == max_new and c[-1] not in stops for c in comps]))
+        out[f"truncated{v}"] = float(np.mean([not finished(c, stops) for c in comps]))
     if rewrites is not None:
         out["rewrite_failed"] = float(np.mean([x is None for x in rewrites]))
     return out
@@ -444,7 +444,7 @@ def main(argv=None):
                 cat = lambda k: [x for part in everything for x in (part[k] or [])]
                 row = {"step": step + 1, "epoch": epoch, **step_summary(
                     cat("records"), cat("r0"), cat("r1"), cat("comps0"), cat("comps1"),
-                    cat("rewrites") if out["rewrites"] is not None else None, args.max_new_tokens, stops)}
+                    cat("rewrites") if out["rewrites"] is not None else None, stops)}
                 stats = [part["stats"] for part in everything]
                 row["loss"] = sum(st["loss"] for st in stats)  # each rank's share of the global mean
                 for k in ("kl", "clip_frac", "ratio", "grad_norm", "lr", "t_sample", "t_reward", "t_update"):

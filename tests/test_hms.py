@@ -94,6 +94,21 @@ def test_canonical_numeric_form():
     assert normalize_answer("(1,2)") == "(1,2)" and normalize_answer("1, 2") == "1,2"  # commas of a tuple stay
 
 
+def test_thousands_braces_and_matrix_environments():
+    # MATH writes 10{,}080; models write 10080, 10,080 or bmatrix for the same vector
+    assert normalize_answer("10{,}080") == normalize_answer("10080") == normalize_answer("10,080") == "10080"
+    assert normalize_answer("1{,}000{,}000") == "1000000"
+    assert normalize_answer("(10{,}080, 5)") == "(10080,5)"  # inside a tuple too
+    assert normalize_answer("(1{,}2)") != normalize_answer("12")  # not three digits: no separator
+    column = r"\begin{pmatrix} 1/5 \\ -18/5 \end{pmatrix}"
+    for env in ("bmatrix", "matrix"):
+        assert normalize_answer(column.replace("pmatrix", env)) == normalize_answer(column)
+    assert normalize_answer(column.replace("pmatrix", "vmatrix")) != normalize_answer(column)  # a determinant
+    # a normal form, not algebra: equal values written differently stay apart
+    for a, b in [("a+b", "b+a"), (r"\sqrt8", r"2\sqrt2"), (r"\frac{\sqrt3}{3}", r"\frac{1}{\sqrt3}")]:
+        assert normalize_answer(a) != normalize_answer(b)
+
+
 def test_every_math500_answer_round_trips_through_a_box():
     rows = read_jsonl("math500.jsonl")
     assert len(rows) == 500

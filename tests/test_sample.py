@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sample import (default_kv_budget_gb, generate, kv_bytes_per_token, load_model, random_model, rows_for_budget,
+from sample import (default_kv_budget_gb, finished, generate, kv_bytes_per_token, load_model, random_model, rows_for_budget,
                     sample_next, stop_ids, tiny_model)
 
 PROMPTS = ["What is 2 + 3?", "hi", "Tom has 4 apples and buys 7 more. How many now?", "x"]
@@ -122,6 +122,11 @@ def test_first_tokens_of_generate_follow_the_model_softmax(tok):
     chi2 = n * np.sum((freq[kept] - p[kept]) ** 2 / p[kept])
     dof = kept.sum() - 1
     assert chi2 < dof + 6 * np.sqrt(2 * dof)
+
+
+def test_finished_is_the_one_stop_rule():
+    assert finished([5, 2], [2]) and not finished([5, 5, 5], [2]) and not finished([], [2])
+    assert not finished([2, 5], [2])  # a stop id inside is not an end: generate cuts after the first
 
 
 def test_load_model_tiny_and_stop_ids():

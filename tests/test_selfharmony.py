@@ -73,7 +73,7 @@ def test_each_rollout_is_rewarded_against_its_own_question():
     # fused: gated by correctness, the second rollout of a misses REWRITTEN PROBLEM: 1 - 0.1 * 1/3
     assert r1 == pytest.approx([1, 1 - 0.1 / 3, 0, 0, 1, 1, 1, 1])
     # what the log measures against the hidden gold answers (3 and 7), by hand
-    log = selfharmony.step_summary(records, r0, r1, [[5, 2]] * 8, [[5, 5, 5]] * 8, None, max_new=3, stops=[2])
+    log = selfharmony.step_summary(records, r0, r1, [[5, 2]] * 8, [[5, 5, 5]] * 8, None, stops=[2])
     assert log["acc0"] == 4 / 8 and log["acc1"] == 6 / 8
     assert log["label_acc/hms"] == 1.0 and log["label_acc/mv"] == 0.5 and log["hms_mv_agree"] == 0.5
     assert log["truncated0"] == 0.0 and log["truncated1"] == 1.0 and log["flat_groups"] == 1 / 4
