@@ -13,6 +13,11 @@ Metrics over Q questions with k samples each, c_qj = 1 if sample j of question q
     greedy = accuracy of one temperature-0 completion a question
 They are reported overall and per group (MATH500: subject and level; MMLU-Pro: category; GPQA: domain).
 
+The solver prompt is the release's: its system turn ("Let's think step by step and output the
+final answer within \\boxed{}.") and the question, rendered by the chat template with no
+enable_thinking flag (Qwen3's template then writes no think block; --thinking-block adds its
+empty one).
+
 Departures: pass@k is the plain "any of the k drawn samples", not the unbiased estimator of
 Chen et al. (2021) for k < n. The paper's GPQA row implies 197 questions; this loads the public 198.
 MMLU-Pro defaults to the 70-question validation split the paper's numbers imply (`mmlu_pro_test`
@@ -200,7 +205,7 @@ def make_arith(n=16, seed=0, level=1):
 # -----------------------------------------------------------------------------
 # Prompts
 
-SOLVER_SYSTEM = "Think step by step, then put your final answer in \\boxed{}."
+SOLVER_SYSTEM = "Let's think step by step and output the final answer within \\boxed{}."  # the release's words
 # rows with answer_format "number" (arith): a 135M model rarely writes \boxed{}, so it is asked for
 # the bare number, and the last number of a FINISHED completion without a box is its answer. A
 # completion cut off by max_new_tokens has none: it stopped mid-sentence, and its last number is
@@ -228,15 +233,16 @@ def _warn_no_template():
     warnings.warn("tokenizer has no chat template: using the plain 'System: / User: / Assistant:' layout")
 
 
-def render_prompt(tokenizer, system, user):
-    """A system and a user turn as the prompt text that the assistant's reply continues."""
+def render_prompt(tokenizer, system, user, thinking_block=False):
+    """A system and a user turn as the prompt text that the assistant's reply continues.
+    As the release: the chat template gets no enable_thinking flag, so Qwen3's template (which its
+    base checkpoints ship too) adds no think block. thinking_block=True passes enable_thinking=False,
+    with which Qwen3's template writes an empty <think></think> before the answer; templates that
+    do not know the flag ignore it either way."""
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-        # enable_thinking=False on purpose: Qwen3's template (which its base checkpoints ship too) then
-        # writes an empty <think></think> block and the answer follows at once, as in the paper's
-        # non-thinking runs; templates that do not know the flag ignore it.
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                             enable_thinking=False)
+        flag = {"enable_thinking": False} if thinking_block else {}
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **flag)
     _warn_no_template()  # a bare base tokenizer (e.g. GPT-2): a plain transcript it can continue
     return f"System: {system}\n\nUser: {user}\n\nAssistant:"
 
@@ -315,18 +321,18 @@ def summarize(rows, correct, answers, greedy=None):
 
 
 def evaluate(model, tokenizer, rows, *, n=16, temperature=0.8, top_p=0.95, max_new_tokens=1024,
-             batch_size=8, seed=0, greedy=False, engine="eager", max_rows=None):
+             batch_size=8, seed=0, greedy=False, engine="eager", max_rows=None, thinking_block=False):
     """
     Sample n completions a question with the solver prompt, plus one greedy completion if
     greedy, and grade them. Returns (summary from summarize(), records: one dict a completion
     {id, kind, index, text, finished, answer, correct}). batch_size counts questions a generate call;
-    engine and max_rows (rows in flight) go to sample.generate.
+    engine and max_rows (rows in flight) go to sample.generate; thinking_block to render_prompt.
     """
     if not rows:
         raise ValueError("no questions to evaluate")
     # the chat template already writes any BOS the model wants: add no second one
-    prompts = [tokenizer(render_prompt(tokenizer, *solver_messages(r)), add_special_tokens=False)["input_ids"]
-               for r in rows]
+    prompts = [tokenizer(render_prompt(tokenizer, *solver_messages(r), thinking_block=thinking_block),
+                         add_special_tokens=False)["input_ids"] for r in rows]
     stops, generator = sample.stop_ids(model, tokenizer), torch.Generator(model.device).manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -385,6 +391,7 @@ def main(argv=None):
     p.add_argument("--engine", default=None, choices=("eager", "fast"),
                    help="sampler (default: fast on cuda, eager on cpu)")
     p.add_argument("--max-rows", type=int, default=None, help="rows in flight at most (default: a call's all)")
+    p.add_argument("--thinking-block", action="store_true", help="enable_thinking=False in the chat template")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--greedy", action="store_true", help="also report greedy (temperature 0) accuracy")
     # output
@@ -399,7 +406,8 @@ def main(argv=None):
     engine = args.engine or ("fast" if device.startswith("cuda") else "eager")
     summary, records = evaluate(model, tokenizer, rows, n=args.n, temperature=args.temperature, top_p=args.top_p,
                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                                greedy=args.greedy, engine=engine, max_rows=args.max_rows)
+                                greedy=args.greedy, engine=engine, max_rows=args.max_rows,
+                                thinking_block=args.thinking_block)
     print_table(summary)
 
     tag = re.sub(r"[^\w.-]+", "_", f"{Path(args.data).stem}-{Path(args.model).name}")

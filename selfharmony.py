@@ -92,6 +92,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128, help="questions a step, over all ranks")
     p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longest prompt; longer is an error")
     p.add_argument("--max-new-tokens", type=int, default=3072, help="longest completion")
+    p.add_argument("--thinking-block", action="store_true",
+                   help="render with enable_thinking=False (Qwen3 then adds an empty <think></think>); the "
+                        "release passes no flag")
     p.add_argument("--engine", default=None, choices=("eager", "fast"),
                    help="sampler: fast (engine.py: slot pool, CUDA graphs; default on cuda) or eager "
                         "(the reference; default on cpu)")
@@ -130,18 +133,20 @@ def parse_args(argv=None):
 # One step: rollouts of both views, labels, rewards, the batch for GRPO
 
 
-def encode(tokenizer, system, user, limit, qid):
-    """Token ids of a rendered prompt; a prompt over the limit is an error, not a silent cut."""
-    ids = tokenizer(render_prompt(tokenizer, system, user), add_special_tokens=False)["input_ids"]
+def encode(tokenizer, system, user, args, qid):
+    """Token ids of a rendered prompt; a prompt over --max-prompt-tokens is an error, not a silent cut."""
+    text = render_prompt(tokenizer, system, user, thinking_block=args.thinking_block)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    limit = args.max_prompt_tokens
     if len(ids) > limit:
         raise SystemExit(f"question {qid}: prompt of {len(ids)} tokens is over --max-prompt-tokens {limit}")
     return ids
 
 
-def solver_prompt(tokenizer, row, limit, problem=None):
+def solver_prompt(tokenizer, row, args, problem=None):
     """The solver prompt of row, or of the same row with its problem replaced by a rewrite x'."""
     row = row if problem is None else {**row, "problem": problem}
-    return encode(tokenizer, *solver_messages(row), limit, row["id"])
+    return encode(tokenizer, *solver_messages(row), args, row["id"])
 
 
 def max_rows(sampler, max_len, args, default):
@@ -157,17 +162,17 @@ def rollout(sampler, tokenizer, rows, args, generator, stops):
         return generate(sampler, prompts, args.max_new_tokens, n=n, temperature=args.temperature, stop_ids=stops,
                         generator=generator, engine=args.engine, max_rows=rows_in_flight)
 
-    limit, rewrites = args.max_prompt_tokens, None
-    prompts0 = [solver_prompt(tokenizer, r, limit) for r in rows]
+    rewrites = None
+    prompts0 = [solver_prompt(tokenizer, r, args) for r in rows]
     if args.reframe == "fused":
-        prompts1 = [encode(tokenizer, FUSED_SYSTEM, format_question(r), limit, r["id"]) for r in rows]
+        prompts1 = [encode(tokenizer, FUSED_SYSTEM, format_question(r), args, r["id"]) for r in rows]
     elif args.reframe == "given":
-        prompts1 = [solver_prompt(tokenizer, r, limit, r["reframed"]) for r in rows]
+        prompts1 = [solver_prompt(tokenizer, r, args, r["reframed"]) for r in rows]
     else:  # separate: one rewrite a question, then G solutions of the rewrite
-        asks = [encode(tokenizer, REWRITE_SYSTEM, format_question(r), limit, r["id"]) for r in rows]
+        asks = [encode(tokenizer, REWRITE_SYSTEM, format_question(r), args, r["id"]) for r in rows]
         rewrites = [rewards.rewritten_problem(tokenizer.decode(o, skip_special_tokens=True)) for o in sample(asks, 1)]
         # a rewrite that missed the layout falls back to the original wording (logged as a share)
-        prompts1 = [solver_prompt(tokenizer, r, limit, x or r["problem"]) for r, x in zip(rows, rewrites)]
+        prompts1 = [solver_prompt(tokenizer, r, args, x or r["problem"]) for r, x in zip(rows, rewrites)]
     comps = sample(prompts0 + prompts1)
     return prompts0, comps[: len(comps) // 2], prompts1, comps[len(comps) // 2 :], rewrites
 
@@ -405,7 +410,7 @@ def main(argv=None):
             max_new = args.eval_max_new_tokens or args.max_new_tokens
             summary, _ = evaluate(sampler, tokenizer, questions, n=args.eval_n, temperature=0.8, top_p=0.95,
                                   max_new_tokens=max_new, batch_size=args.batch_size, seed=args.seed,
-                                  engine=args.engine,
+                                  engine=args.engine, thinking_block=args.thinking_block,
                                   max_rows=max_rows(sampler, args.max_prompt_tokens + max_new, args, None))
             log({"step": step, "eval": {k: v for k, v in summary.items() if not k.startswith("by_")}})
             print(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in summary.items()

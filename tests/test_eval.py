@@ -150,14 +150,16 @@ def test_arith_is_deterministic_for_a_seed():
 # Prompts
 
 
-def test_solver_prompt_with_a_qwen3_chatml_template_has_the_empty_think_block():
+def test_solver_prompt_with_a_qwen3_template_as_the_release_renders_it_and_with_the_think_block():
     row = {"id": "q", "problem": "What is 2 + 3?", "answer": "5"}
-    text = ev.render_prompt(word_tokenizer(QWEN3_TEMPLATE), *ev.solver_messages(row))
-    assert text == (
-        "<|im_start|>system\nThink step by step, then put your final answer in \\boxed{}.<|im_end|>\n"
+    tok = word_tokenizer(QWEN3_TEMPLATE)
+    release = (
+        "<|im_start|>system\nLet's think step by step and output the final answer within \\boxed{}.<|im_end|>\n"
         "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n"
-        "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+        "<|im_start|>assistant\n"
     )
+    assert ev.render_prompt(tok, *ev.solver_messages(row)) == release  # no enable_thinking flag: no block
+    assert ev.render_prompt(tok, *ev.solver_messages(row), thinking_block=True) == release + "<think>\n\n</think>\n\n"
 
 
 def test_multiple_choice_options_follow_the_question():
