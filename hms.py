@@ -10,8 +10,10 @@ of its two frequencies, so an answer that only one wording produces cannot win.
     ties: larger p0 + p1, then the lexicographically smallest answer; no common answer: None.
 A response with no answer (None) counts in G, as in the paper's p = count / G, but never wins.
 
-Baselines on the same rollouts: `mv` (majority over view 0, TTRL), `mv2` (majority over both
-views pooled), `cross` (Co-Reward: each view labelled by the other view's vote), `gt` (gold).
+Baselines on the same rollouts: `mv` (each view labelled by its own vote: the release's `self`
+strategy), `mv0` (view 0's vote labels both views: TTRL, which has only view 0), `mv2` (one vote
+over both views pooled), `cross` (Co-Reward: each view labelled by the other view's vote), `gt`
+(gold).
 
 Answers are compared in ONE canonical form (normalize_answer) for votes, rewards and grading;
 the release votes on raw strings and grades with a looser check, which splits the votes of equal
@@ -30,7 +32,7 @@ from fractions import Fraction
 
 import numpy as np
 
-SELECTORS = ("hms", "mv", "mv2", "cross", "gt")
+SELECTORS = ("hms", "mv", "mv0", "mv2", "cross", "gt")
 MAX_BOX_CHARS = 10_000  # no real answer is this long; bounds the brace scan on adversarial text
 
 # -----------------------------------------------------------------------------
@@ -217,7 +219,9 @@ def select_labels(selector, answers0, answers1, gold=None):
     """(label for view 0, label for view 1) under the named selector, one of SELECTORS."""
     if selector == "hms":
         y = harmonic_mean_select(answers0, answers1)
-    elif selector == "mv":
+    elif selector == "mv":  # the release's `self`: each view its own vote
+        return majority_vote(answers0), majority_vote(answers1)
+    elif selector == "mv0":  # TTRL's single view: view 0's vote for both
         y = majority_vote(answers0)
     elif selector == "mv2":
         y = pooled_majority_vote(answers0, answers1)

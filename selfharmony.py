@@ -16,7 +16,8 @@ fused branch with the solver branch's mask; METHOD.md "Known defects").
 release's), `separate` (the paper's three calls: solve x; rewrite x into x'; solve x' with the
 solver prompt; only the solving rollouts are trained), `given` (x' is a paraphrase the data row
 provides, Co-Reward's offline setting; `arith` rows carry one). --selector picks the label: hms,
-mv (TTRL), mv2 (pooled vote), cross (Co-Reward), gt (the gold answer: the upper bound). Every
+mv (each view its own vote, the release's baseline), mv0 (view 0's vote for both, TTRL), mv2
+(pooled vote), cross (Co-Reward), gt (the gold answer: the upper bound). Every
 selector's label accuracy is logged on the same rollouts whatever trains; the gold answer is read
 only to measure, unless --selector gt.
 

@@ -187,19 +187,20 @@ def test_no_overlap_and_all_none():
     assert harmonic_mean_select(none, none) is None
     assert majority_vote(none) is None and pooled_majority_vote(none, none) is None
     assert cross_select(none, none) == (None, None)
-    assert [select_labels(s, none, none, gold="1") for s in SELECTORS] == [(None, None)] * 4 + [("1", "1")]
+    assert [select_labels(s, none, none, gold="1") for s in SELECTORS] == [(None, None)] * 5 + [("1", "1")]
 
 
 def test_select_labels():
-    assert SELECTORS == ("hms", "mv", "mv2", "cross", "gt")
+    assert SELECTORS == ("hms", "mv", "mv0", "mv2", "cross", "gt")
     assert select_labels("hms", VIEW0, VIEW1) == ("7", "7")
-    assert select_labels("mv", VIEW0, VIEW1) == ("9", "9")
+    assert select_labels("mv", VIEW0, VIEW1) == ("9", "8")  # the two views vote differently
+    assert select_labels("mv0", VIEW0, VIEW1) == ("9", "9")
     assert select_labels("mv2", ["1", "1", "2"], ["2", "2", "3"]) == ("2", "2")
     assert select_labels("cross", VIEW0, VIEW1) == ("8", "9")
     assert select_labels("gt", VIEW0, VIEW1, gold=r"\dfrac12") == ("1/2", "1/2")
     with pytest.raises(ValueError, match="needs the gold"):
         select_labels("gt", VIEW0, VIEW1)
-    with pytest.raises(ValueError, match="hms, mv, mv2, cross, gt"):
+    with pytest.raises(ValueError, match="hms, mv, mv0, mv2, cross, gt"):
         select_labels("vote", VIEW0, VIEW1)
 
 

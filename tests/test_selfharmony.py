@@ -21,7 +21,7 @@ TINY = ["--model", "tiny", "--data", "arith", "--arith-n", "4", "--batch-size", 
 STEP_FIELDS = ["step", "epoch", "reward0", "reward1", "acc0", "acc1", "hms_mv_agree", "flat_groups", "format",
                "p_div", "len0", "len1", "truncated0", "truncated1", "loss", "kl", "clip_frac", "ratio", "grad_norm",
                "lr", "t_sample", "t_reward", "t_update"] + [f"{k}/{s}" for k in ("label_acc", "no_label")
-                                                           for s in ("hms", "mv", "mv2", "cross", "gt")]
+                                                           for s in ("hms", "mv", "mv0", "mv2", "cross", "gt")]
 
 
 def read_log(out):
@@ -29,7 +29,7 @@ def read_log(out):
 
 
 @pytest.mark.parametrize("extra", [
-    ["--selector", "hms"], ["--selector", "mv"], ["--selector", "mv2"], ["--selector", "cross"],
+    ["--selector", "hms"], ["--selector", "mv"], ["--selector", "mv0"], ["--selector", "mv2"], ["--selector", "cross"],
     ["--selector", "gt"], ["--reframe", "given"],
     ["--reframe", "separate", "--engine", "fast", "--kv-cache-gb", "1e-4"],
     ["--engine", "fast", "--dtype", "bfloat16"],
@@ -75,7 +75,10 @@ def test_each_rollout_is_rewarded_against_its_own_question():
     # what the log measures against the hidden gold answers (3 and 7), by hand
     log = selfharmony.step_summary(records, r0, r1, [[5, 2]] * 8, [[5, 5, 5]] * 8, None, stops=[2])
     assert log["acc0"] == 4 / 8 and log["acc1"] == 6 / 8
-    assert log["label_acc/hms"] == 1.0 and log["label_acc/mv"] == 0.5 and log["hms_mv_agree"] == 0.5
+    # mv: a's views vote 3 and 3 (a 3/4 tie, the smaller string), b's 8 and 7: 3 of 4 labels right;
+    # mv0 gives view 0's 3 and 8 to both views: 2 of 4
+    assert log["label_acc/hms"] == 1.0 and log["label_acc/mv"] == 0.75 and log["label_acc/mv0"] == 0.5
+    assert log["hms_mv_agree"] == 0.5
     assert log["truncated0"] == 0.0 and log["truncated1"] == 1.0 and log["flat_groups"] == 1 / 4
 
 
