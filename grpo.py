@@ -6,20 +6,24 @@ Each rollout i of a group (one question, one view) has a reward r_i and gets the
 shared by all its completion tokens t. The loss per completion token is
     l_t = -min(rho_t A, clip(rho_t, 1 - eps_clip, 1 + eps_clip) A) + beta k3_t
     rho_t = exp(logp_t - logp_old_t),   k3_t = exp(logp_ref_t - logp_t) - (logp_ref_t - logp_t) - 1
-and the step loss is the "token-mean": the sum of l_t over every completion token of the
-step (both views, all micro-batches, all ranks) divided by their count.
+and the step loss is the release's (its dp_actor): each view's token-mean, the two added,
+    L = sum over views v of (1 / N_v) sum of l_t over the completion tokens t of view v,
+with N_v the count of view v's completion tokens in the whole step (all micro-batches, all
+ranks), fixed before the first backward. One joint token-mean over both views ("token-mean")
+would give the fused view, whose responses run about twice as long, ~2/3 of the weight instead
+of 1/2, and about half the gradient the grad-norm clip sees; it and "seq-mean" stay selectable.
 
-As in the release: token-mean, k3 KL as a loss term (not folded into the reward), no entropy
-bonus, the unbiased std of torch.std, and ONE optimiser update per batch. So logp_old is the
-policy itself: rho = 1 in value and the clip never fires at the first and only pass. We use
-logp_old = logp.detach(), which has the same value and gradient as the release's separate
-no-grad forward and saves that forward; fill Rollouts.old_logp to run several passes.
-Options: scale="none" drops the std (Dr. GRPO); agg="seq-mean" averages within each sequence
-first; kl_coef=0 keeps no reference model. Departures: verl, under the release, clamps k3 to
-[-10, 10], dual-clips negative advantages at rho = 3 and adds 1e-8 to the token-mean's
-denominator (a later verl also clamps log rho to [-20, 20]; the release's does not); we keep the
-plain formulas: at rho = 1 and a small KL none of those act, and the 1e-8 is below float32's
-resolution of any real token count.
+As in the release: per-view token-means, k3 KL as a loss term (not folded into the reward),
+no entropy bonus, the unbiased std of torch.std, and ONE optimiser update per batch. So
+logp_old is the policy itself: rho = 1 in value and the clip never fires at the first and only
+pass. We use logp_old = logp.detach(), which has the same value and gradient as the release's
+separate no-grad forward and saves that forward; fill Rollouts.old_logp to run several passes.
+Options: scale="none" drops the std (Dr. GRPO); agg="token-mean" is one token-mean over both
+views; agg="seq-mean" averages within each sequence first; kl_coef=0 keeps no reference model.
+Departures: verl, under the release, clamps k3 to [-10, 10], dual-clips negative advantages at
+rho = 3 and adds 1e-8 to each token-mean's denominator (a later verl also clamps log rho to
+[-20, 20]; the release's does not); we keep the plain formulas: at rho = 1 and a small KL none
+of those act, and the 1e-8 is below float32's resolution of any real token count.
 
     python grpo.py     # a tiny random model learns to start its answer with one token
 """
@@ -93,13 +97,14 @@ def count_flat_groups(rewards, group_size):
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, kl_coef=0.005,
-              agg="token-mean", n_tokens=None, n_seqs=None):
+              agg="view-token-mean", n_tokens=None, n_seqs=None, views=None, n_view_tokens=None):
     """Clipped surrogate + beta k3 over completion tokens (formulas in the module docstring).
 
-    logp, old_logp, ref_logp, mask: (B, T); advantages: (B,). ref_logp may be None if kl_coef == 0.
-    "token-mean": sum_t l_t / n_tokens; "seq-mean": sum_b mean_t(l_bt) / n_seqs. The
-    denominators default to this batch's, and must be the whole step's under accumulation.
-    Returns (loss, stats) with stats averaged over this batch's completion tokens.
+    logp, old_logp, ref_logp, mask: (B, T); advantages: (B,); views: (B,) 0 or 1, each row's view
+    (None: all view 0). ref_logp may be None if kl_coef == 0. "view-token-mean": sum_v sum_{t in v}
+    l_t / n_view_tokens[v]; "token-mean": sum_t l_t / n_tokens; "seq-mean": sum_b mean_t(l_bt) /
+    n_seqs. The denominators default to this batch's, and must be the whole step's under
+    accumulation. Returns (loss, stats) with stats averaged over this batch's completion tokens.
     """
     mask = mask.bool()
     A = advantages[:, None].to(logp.dtype)  # (B, 1)
@@ -115,7 +120,12 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, kl_coef=
         per_token = pg + kl_coef * k3
     per_token = torch.where(mask, per_token, 0.0)  # (B, T)
 
-    if agg == "token-mean":
+    if agg == "view-token-mean":
+        views = torch.zeros(len(mask), dtype=torch.long, device=mask.device) if views is None else views
+        if n_view_tokens is None:
+            n_view_tokens = view_token_counts(mask, views)
+        loss = (per_token.sum(-1) / n_view_tokens[views].clamp(min=1)).sum()
+    elif agg == "token-mean":
         loss = per_token.sum() / (mask.sum() if n_tokens is None else n_tokens)
     elif agg == "seq-mean":
         seq_mean = per_token.sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
@@ -142,6 +152,7 @@ class Rollouts:
     advantages: torch.Tensor  # (B,)
     old_logp: torch.Tensor | None = None  # (B, T) None: the policy at the first pass
     ref_logp: torch.Tensor | None = None  # (B, T) None: computed by step() from ref_model
+    views: torch.Tensor | None = None  # (B,) 0 or 1: the view of each row; None: all one view
 
     def micro_batches(self, size):
         """Row slices of `size`, without the columns that are padding in every row (exact:
@@ -153,6 +164,14 @@ class Rollouts:
             def cut(x):
                 return None if x is None else x[rows][:, keep] if x.dim() == 2 else x[rows]
             yield Rollouts(*(cut(getattr(self, f.name)) for f in fields(self)))
+
+
+def view_token_counts(completion_mask, views):
+    """(2,) completion tokens of view 0 and of view 1 (views: (B,) 0 or 1, or None: all view 0)."""
+    per_row = completion_mask.sum(-1).float()  # (B,)
+    if views is None:
+        views = torch.zeros(len(per_row), dtype=torch.long, device=per_row.device)
+    return torch.zeros(2, device=per_row.device).index_add_(0, views, per_row)
 
 
 def make_reference(model, kl_coef):
@@ -182,21 +201,20 @@ def lr_schedule(step, total_steps, warmup_frac=0.1):
 
 
 def accumulate_gradients(model, rollouts, micro_batch_size, ref_model=None, clip_eps=0.2,
-                         kl_coef=0.005, temperature=1.0, agg="token-mean"):
+                         kl_coef=0.005, temperature=1.0, agg="view-token-mean"):
     """Backward of the step's loss, micro-batch by micro-batch, into model's .grad.
 
     Each micro-batch divides by the whole step's denominator (fixed before the first
     backward), so the sum of their gradients is the gradient of the full batch, however split.
     """
     n_tokens = rollouts.completion_mask.sum().float()
-    n_seqs = torch.tensor(float(len(rollouts.advantages)))
+    n_seqs = torch.tensor(float(len(rollouts.advantages)), device=n_tokens.device)
+    n_view_tokens = view_token_counts(rollouts.completion_mask, rollouts.views)  # (2,)
     if dist.is_initialized():
-        # the global count, so that each rank's loss is its share of the global mean and
+        # the global counts, so that each rank's loss is its share of the global mean and
         # summing gradients over ranks (step() does) gives the global token-mean gradient
-        device = rollouts.input_ids.device
-        n_tokens, n_seqs = n_tokens.to(device), n_seqs.to(device)
-        dist.all_reduce(n_tokens)
-        dist.all_reduce(n_seqs)
+        for count in (n_tokens, n_seqs, n_view_tokens):
+            dist.all_reduce(count)
     totals = {"loss": 0.0, "clip_frac": 0.0, "ratio": 0.0, "kl": 0.0}
     n_local = rollouts.completion_mask.sum().item()
     for mb in rollouts.micro_batches(micro_batch_size):
@@ -209,7 +227,7 @@ def accumulate_gradients(model, rollouts, micro_batch_size, ref_model=None, clip
             with torch.no_grad():
                 ref_logp = token_logprobs(ref_model, *args)  # (b, t)
         loss, stats = grpo_loss(logp, old_logp, ref_logp, mb.advantages, mb.completion_mask,
-                                clip_eps, kl_coef, agg, n_tokens, n_seqs)
+                                clip_eps, kl_coef, agg, n_tokens, n_seqs, mb.views, n_view_tokens)
         loss.backward()
         totals["loss"] += loss.item()
         weight = mb.completion_mask.sum().item() / max(1, n_local)

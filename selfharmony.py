@@ -7,7 +7,7 @@ For each question x of a batch, with no label:
   3. Answers:  a_i, a'_i = normalised content of the last \\boxed{} (hms.py)
   4. Label:    y* = argmax_a 2 p0(a) p1(a) / (p0(a) + p1(a))                     (hms.py)
   5. Rewards:  R_solve(y_i) = 1[a_i = y*],  R_fused(y'_i) gated by 1[a'_i = y*]  (rewards.py)
-  6. Update:   GRPO, advantages per question and per view, token-mean over both views (grpo.py)
+  6. Update:   GRPO, advantages per question and per view, each view's token-mean added (grpo.py)
 Every rollout stays tied to its own question and each row carries its own completion mask (the
 release matches fused rollouts to another question's label after re-balancing, and masks the
 fused branch with the solver branch's mask; METHOD.md "Known defects").
@@ -110,6 +110,8 @@ def parse_args(argv=None):
     p.add_argument("--kl-coef", type=float, default=0.005, help="beta of the k3 KL loss term (0: no reference model)")
     p.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip range")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
+    p.add_argument("--loss-agg", default="view-token-mean", choices=("view-token-mean", "token-mean", "seq-mean"),
+                   help="each view's token-mean, added (the release), one token-mean over both views, or seq-mean")
     p.add_argument("--adv-scale", default="std", choices=("std", "none"), help="divide advantages by the group std or not")
     p.add_argument("--micro-batch", type=int, default=8, help="rows a forward/backward pass")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (saves memory)")
@@ -202,9 +204,10 @@ def label_and_reward(rows, texts0, texts1, done0, done1, args):
     return r0, r1, records
 
 
-def make_batch(pairs, advantages, pad_id):
+def make_batch(pairs, advantages, pad_id, views=None):
     """One padded grpo.Rollouts of (prompt, completion) pairs: row i = prompt (left-padded) +
-    completion (right-padded). Masks come from lengths, never from token values (pad may be EOS)."""
+    completion (right-padded), from view views[i] (0 or 1). Masks come from lengths, never from
+    token values (pad may be EOS)."""
     P, C = max(len(p) for p, _ in pairs), max(len(c) for _, c in pairs)
     ids = torch.full((len(pairs), P + C), pad_id, dtype=torch.long)  # (N, P + C)
     attention, completion = torch.zeros_like(ids), torch.zeros_like(ids)
@@ -212,14 +215,15 @@ def make_batch(pairs, advantages, pad_id):
         ids[i, P - len(p) : P + len(c)] = torch.tensor(p + c)
         attention[i, P - len(p) : P + len(c)] = 1
         completion[i, P : P + len(c)] = 1
-    return grpo.Rollouts(ids, attention, completion, torch.as_tensor(advantages, dtype=torch.float32))
+    views = None if views is None else torch.as_tensor(views, dtype=torch.long)
+    return grpo.Rollouts(ids, attention, completion, torch.as_tensor(advantages, dtype=torch.float32), views=views)
 
 
 def train_step(model, sampler, tokenizer, optimizer, scheduler, ref_model, rows, args, generator, stops, pad_id,
                autocast):
     """Algorithm 1 on one batch of questions: both views drawn from the sampling copy, every selector's
-    labels, rewards, one GRPO update on the rollouts of both views (token-mean over all their tokens),
-    and the sampling copy refreshed with the updated weights."""
+    labels, rewards, one GRPO update on the rollouts of both views (by default each view's token-mean,
+    the two added), and the sampling copy refreshed with the updated weights."""
     t0 = time.perf_counter()
     sampler.eval()  # on the CPU the sampler is the policy, which the update left in training mode
     prompts0, comps0, prompts1, comps1, rewrites = rollout(sampler, tokenizer, rows, args, generator, stops)
@@ -233,15 +237,14 @@ def train_step(model, sampler, tokenizer, optimizer, scheduler, ref_model, rows,
                             grpo.group_advantages(r1, G, scale=args.adv_scale)])
     pairs = ([(prompts0[i // G], c) for i, c in enumerate(comps0)] +  # every row keeps its own question's prompt
              [(prompts1[i // G], c) for i, c in enumerate(comps1)])
-    batch = make_batch(pairs, advantages, pad_id)
-    batch = grpo.Rollouts(*(t.to(model.device) for t in (batch.input_ids, batch.attention_mask,
-                                                         batch.completion_mask, batch.advantages)))
+    batch = make_batch(pairs, advantages, pad_id, views=[0] * len(comps0) + [1] * len(comps1))
+    batch = grpo.Rollouts(**{k: None if v is None else v.to(model.device) for k, v in vars(batch).items()})
     t2 = time.perf_counter()
     model.train()
     with autocast:
         stats = grpo.step(model, optimizer, batch, args.micro_batch, ref_model, scheduler,
                           max_grad_norm=args.max_grad_norm, clip_eps=args.clip_eps, kl_coef=args.kl_coef,
-                          temperature=args.temperature)
+                          temperature=args.temperature, agg=args.loss_agg)
     sync_sampling_copy(sampler, model)
     stats.update(t_sample=t1 - t0, t_reward=t2 - t1, t_update=time.perf_counter() - t2)
     return dict(records=records, r0=r0, r1=r1, comps0=comps0, comps1=comps1, rewrites=rewrites, stats=stats,

@@ -177,6 +177,42 @@ def test_grpo_loss_gradient_matches_finite_differences(agg):
         lambda x: grpo_loss(x, old, ref, A, mask, 0.2, 0.1, agg)[0], (logp,))
 
 
+def naive_view_loss(logp, old, ref, A, mask, views, clip_eps, kl_coef):
+    """The release's rule as a float64 loop: per view, the sum of l_t over its tokens / their count;
+    the two views added. Scalar torch ops, so autograd gives the reference gradient too."""
+    total, count = [0.0, 0.0], [0, 0]
+    for b in range(len(logp)):
+        for t in range(len(logp[b])):
+            if not mask[b, t]:
+                continue
+            rho = torch.exp(logp[b, t] - old[b, t])
+            clipped = rho.clamp(1 - clip_eps, 1 + clip_eps)
+            d = ref[b, t] - logp[b, t]
+            l = -torch.minimum(rho * A[b], clipped * A[b]) + kl_coef * (torch.exp(d) - d - 1)
+            total[views[b]] = total[views[b]] + l
+            count[views[b]] += 1
+    return total[0] / count[0] + total[1] / count[1]
+
+
+def test_view_token_mean_loss_and_gradient_equal_a_float64_loop():
+    # rows 0 and 3 are view 0 (5 + 6 tokens), rows 1 and 2 view 1 (2 + 1 tokens): a joint mean
+    # would weight view 0 11/14; the release's rule gives each view its own mean
+    logp, old, ref, A, mask = random_loss_inputs(0.3, seed=4)
+    logp = torch.where(mask, logp, -1.0).requires_grad_()
+    views = torch.tensor([0, 1, 1, 0])
+    loss, _ = grpo_loss(logp, old, ref, A, mask, 0.2, 0.1, "view-token-mean", views=views)
+    want = naive_view_loss(logp, old, ref, A, mask, views.tolist(), 0.2, 0.1)
+    assert math.isclose(loss.item(), want.item(), rel_tol=1e-12)
+    got_grad, = torch.autograd.grad(loss, logp)
+    want_grad, = torch.autograd.grad(want, logp)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-15)
+    joint, _ = grpo_loss(logp, old, ref, A, mask, 0.2, 0.1, "token-mean")
+    assert not math.isclose(joint.item(), loss.item(), rel_tol=1e-3)
+    # one view only: the rule is the plain token-mean
+    one, _ = grpo_loss(logp, old, ref, A, mask, 0.2, 0.1, "view-token-mean")
+    assert math.isclose(one.item(), joint.item(), rel_tol=1e-12)
+
+
 def test_kl_is_zero_when_reference_is_the_policy():
     logp, old, _, A, mask = random_loss_inputs(0.1)
     with_kl, stats = grpo_loss(logp, old, logp.clone(), A, mask, kl_coef=0.5)
@@ -205,10 +241,11 @@ def rollouts_for(model, seed=1):
         logp = token_logprobs(model, ids, attn, comp)
     g = torch.Generator().manual_seed(seed)
     old = torch.where(comp.bool(), logp + 0.3 * torch.randn(logp.shape, generator=g), 0.0)
-    return Rollouts(ids, attn, comp, torch.tensor([1.2, -0.4, 0.3, -1.1]), old_logp=old)
+    return Rollouts(ids, attn, comp, torch.tensor([1.2, -0.4, 0.3, -1.1]), old_logp=old,
+                    views=torch.tensor([0, 1, 0, 1]))
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean"])
+@pytest.mark.parametrize("agg", ["view-token-mean", "token-mean", "seq-mean"])
 def test_micro_batching_does_not_change_loss_or_gradients(agg):
     model = tiny_model(tie=True)  # the tied head takes gradient from both of its uses
     ref_model = tiny_model(seed=5)  # a different reference so the KL term is not zero

@@ -133,7 +133,9 @@ def _update_on_rows(rows, out_path):
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # weights move by the gradient itself (Adam's
     # first step is ~lr * sign(grad), which turns float noise on near-zero gradients into full steps)
     ref = grpo.make_reference(model, 0.05)
-    batch = selfharmony.make_batch([pairs[i] for i in rows], advantages[rows], pad_id=256)
+    views = [0, 0, 0, 0, 1, 1, 1, 1]  # the loop's layout: view 0's rows, then view 1's
+    batch = selfharmony.make_batch([pairs[i] for i in rows], advantages[rows], pad_id=256,
+                                   views=[views[i] for i in rows])
     grpo.step(model.train(), optimizer, batch, 2, ref, kl_coef=0.05)
     if out_path:
         torch.save(model.state_dict(), out_path)
