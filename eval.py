@@ -34,6 +34,7 @@ Run it:
 import argparse
 import functools
 import json
+import math
 import os
 import random
 import re
@@ -369,8 +370,27 @@ def print_table(summary):
         print(f"{name[:33]:<34}" + "".join(f"{m[c]:>11}" if c == "questions" else f"{m[c]:>11.4f}" for c in cols))
 
 
+def number(kind, low=None, high=None, above=False):
+    """An argparse type: a finite `kind` (int or float) >= low (> low if above) and <= high; anything
+    else is one clear line from argparse ("argument --n-rollouts: must be an integer >= 2, not 1")."""
+    name = "an integer" if kind is int else "a number"
+    bounds = " and ".join(b for b in (low is not None and f"{'>' if above else '>='} {low}",
+                                      high is not None and f"<= {high}") if b)
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {name}, not {text!r}")
+        if (not math.isfinite(x) or (low is not None and (x <= low if above else x < low))
+                or (high is not None and x > high)):
+            raise argparse.ArgumentTypeError(f"must be {name} {bounds}, not {text}")
+        return x
+    return parse
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a model on a benchmark: mean@k, maj@k, pass@k, greedy.")
+    p = argparse.ArgumentParser(description="Evaluate a model on a benchmark: mean@k, maj@k, pass@k, greedy.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # model
     p.add_argument("--model", default="smollm2", help="hub id, local folder, .gguf file, 'smollm2' or 'tiny'")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -378,19 +398,19 @@ def main(argv=None):
     # data
     p.add_argument("--data", default="math500", help=f"one of {', '.join([*FILES, 'arith'])}, or a .jsonl path")
     p.add_argument("--data-dir", default=None, help="folder of the benchmark files (default: $SELFHARMONY_DATA)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
-    p.add_argument("--arith-n", type=int, default=16, help="arith: number of questions")
+    p.add_argument("--limit", type=number(int, 1), default=None, help="evaluate only the first N questions")
+    p.add_argument("--arith-n", type=number(int, 1), default=16, help="arith: number of questions")
     p.add_argument("--arith-seed", type=int, default=0, help="arith: seed of the generated questions")
-    p.add_argument("--arith-level", type=int, default=1, help="arith: 1 one-digit sums, 2 two-digit +/-, 3 two steps")
+    p.add_argument("--arith-level", type=number(int, 1, 3), default=1, help="arith: 1 one-digit sums, 2 two-digit +/-, 3 two steps")
     # sampling
-    p.add_argument("--n", type=int, default=16, help="samples a question (the k of mean@k)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="longest completion")
-    p.add_argument("--batch-size", type=int, default=8, help="questions a generate call (each sampled n times)")
+    p.add_argument("--n", type=number(int, 1), default=16, help="samples a question (the k of mean@k)")
+    p.add_argument("--temperature", type=number(float, 0), default=0.8, help="sampling temperature")
+    p.add_argument("--top-p", type=number(float, 0, 1, above=True), default=0.95, help="nucleus sampling mass")
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=1024, help="longest completion")
+    p.add_argument("--batch-size", type=number(int, 1), default=8, help="questions a generate call (each sampled n times)")
     p.add_argument("--engine", default=None, choices=("eager", "fast"),
                    help="sampler (default: fast on cuda, eager on cpu)")
-    p.add_argument("--max-rows", type=int, default=None, help="rows in flight at most (default: a call's all)")
+    p.add_argument("--max-rows", type=number(int, 1), default=None, help="rows in flight at most (default: a call's all)")
     p.add_argument("--thinking-block", action="store_true", help="enable_thinking=False in the chat template")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--greedy", action="store_true", help="also report greedy (temperature 0) accuracy")

@@ -43,7 +43,8 @@ from tqdm import tqdm
 import grpo
 import hms
 import rewards
-from eval import answer_of, evaluate, format_question, gold_answer, load_benchmark, render_prompt, solver_messages
+from eval import (answer_of, evaluate, format_question, gold_answer, load_benchmark, number, render_prompt,
+                  solver_messages)
 from sample import (default_kv_budget_gb, finished, generate, load_model, rows_for_budget, sampling_copy,
                     stop_ids, sync_sampling_copy)
 
@@ -73,60 +74,61 @@ REWRITE_SYSTEM = (
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Self-Harmony test-time RL (defaults: the release's settings).")
+    p = argparse.ArgumentParser(description="Self-Harmony test-time RL (defaults: the release's settings).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # model and data
     p.add_argument("--model", default="Qwen/Qwen3-1.7B-Base", help="hub id, local folder, .gguf, 'smollm2' or 'tiny'")
     p.add_argument("--data", default="math500", help="benchmark name, 'arith', or a .jsonl file in the schema")
     p.add_argument("--data-dir", default=None, help="folder of the benchmark files (default: $SELFHARMONY_DATA)")
-    p.add_argument("--limit", type=int, default=None, help="train on the first N questions only")
-    p.add_argument("--arith-n", type=int, default=16, help="arith: number of questions")
+    p.add_argument("--limit", type=number(int, 1), default=None, help="train on the first N questions only")
+    p.add_argument("--arith-n", type=number(int, 1), default=16, help="arith: number of questions")
     p.add_argument("--arith-seed", type=int, default=0, help="arith: which question set")
-    p.add_argument("--arith-level", type=int, default=1, help="arith: 1 one-digit sums, 2 two-digit +/-, 3 two steps")
+    p.add_argument("--arith-level", type=number(int, 1, 3), default=1, help="arith: 1 one-digit sums, 2 two-digit +/-, 3 two steps")
     # the method
     p.add_argument("--selector", default="hms", choices=hms.SELECTORS, help="pseudo-label selector that trains")
     p.add_argument("--reframe", default="fused", choices=("fused", "separate", "given"), help="how view 1 is made")
     p.add_argument("--reward", default="gated", choices=rewards.MODES, help="fused reward: gated (paper) or additive")
-    p.add_argument("--w-format", type=float, default=0.1, help="weight of the format penalty P_format")
-    p.add_argument("--w-div", type=float, default=0.1, help="weight of the diversity penalty P_div")
-    p.add_argument("--n-rollouts", type=int, default=16, help="G: rollouts a question in each view")
+    p.add_argument("--w-format", type=number(float, 0, 1), default=0.1, help="weight of the format penalty P_format")
+    p.add_argument("--w-div", type=number(float, 0, 1), default=0.1, help="weight of the diversity penalty P_div")
+    p.add_argument("--n-rollouts", type=number(int, 2), default=16, help="G: rollouts a question in each view")
     # sampling
-    p.add_argument("--batch-size", type=int, default=128, help="questions a step, over all ranks")
-    p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longest prompt; longer is an error")
-    p.add_argument("--max-new-tokens", type=int, default=3072, help="longest completion")
+    p.add_argument("--batch-size", type=number(int, 1), default=128, help="questions a step, over all ranks")
+    p.add_argument("--max-prompt-tokens", type=number(int, 1), default=1024, help="longest prompt; longer is an error")
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=3072, help="longest completion")
     p.add_argument("--thinking-block", action="store_true",
                    help="render with enable_thinking=False (Qwen3 then adds an empty <think></think>); the "
                         "release passes no flag")
     p.add_argument("--engine", default=None, choices=("eager", "fast"),
                    help="sampler: fast (engine.py: slot pool, CUDA graphs; default on cuda) or eager "
                         "(the reference; default on cpu)")
-    p.add_argument("--kv-cache-gb", type=float, default=None,
+    p.add_argument("--kv-cache-gb", type=number(float, 0, above=True), default=None,
                    help="KV cache budget; sets the rows in flight (default on cuda: half the free memory, less "
                         "AdamW's; on cpu: one view's rollouts at a time)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, also divides logits when scoring")
+    p.add_argument("--temperature", type=number(float, 0, above=True), default=1.0, help="sampling temperature, also divides logits when scoring")
     # optimisation
-    p.add_argument("--lr", type=float, default=3e-6, help="AdamW learning rate")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    p.add_argument("--warmup", type=float, default=0.1, help="share of the steps for linear warm-up, then cosine")
-    p.add_argument("--kl-coef", type=float, default=0.005, help="beta of the k3 KL loss term (0: no reference model)")
-    p.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip range")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
+    p.add_argument("--lr", type=number(float, 0, above=True), default=3e-6, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=number(float, 0), default=0.01, help="AdamW weight decay")
+    p.add_argument("--warmup", type=number(float, 0, 1), default=0.1, help="share of the steps for linear warm-up, then cosine")
+    p.add_argument("--kl-coef", type=number(float, 0), default=0.005, help="beta of the k3 KL loss term (0: no reference model)")
+    p.add_argument("--clip-eps", type=number(float, 0, above=True), default=0.2, help="PPO clip range")
+    p.add_argument("--max-grad-norm", type=number(float, 0, above=True), default=1.0, help="gradient-norm clip")
     p.add_argument("--loss-agg", default="view-token-mean", choices=("view-token-mean", "token-mean", "seq-mean"),
                    help="each view's token-mean, added (the release), one token-mean over both views, or seq-mean")
     p.add_argument("--adv-scale", default="std", choices=("std", "none"), help="divide advantages by the group std or not")
-    p.add_argument("--micro-batch", type=int, default=8, help="rows a forward/backward pass")
+    p.add_argument("--micro-batch", type=number(int, 1), default=8, help="rows a forward/backward pass")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (saves memory)")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: --epochs over the questions)")
-    p.add_argument("--epochs", type=int, default=100, help="passes over the questions when --steps is not given")
+    p.add_argument("--steps", type=number(int, 1), default=None, help="optimiser steps (default: --epochs over the questions)")
+    p.add_argument("--epochs", type=number(int, 1), default=100, help="passes over the questions when --steps is not given")
     # evaluation, logging, checkpoints
-    p.add_argument("--eval-every", type=int, default=0, help="mean@k on the same questions every N steps (0: start and end only)")
-    p.add_argument("--eval-n", type=int, default=16, help="samples a question for mean@k (paper: 16)")
-    p.add_argument("--eval-max-new-tokens", type=int, default=None, help="longest eval completion (default: --max-new-tokens)")
+    p.add_argument("--eval-every", type=number(int, 0), default=0, help="mean@k on the same questions every N steps (0: start and end only)")
+    p.add_argument("--eval-n", type=number(int, 1), default=16, help="samples a question for mean@k (paper: 16)")
+    p.add_argument("--eval-max-new-tokens", type=number(int, 1), default=None, help="longest eval completion (default: --max-new-tokens)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation entirely")
-    p.add_argument("--log-texts", type=int, default=2, help="full rollout texts logged a step and view")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--log-texts", type=number(int, 0), default=2, help="full rollout texts logged a step and view")
+    p.add_argument("--save-every", type=number(int, 0), default=0, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--out-dir", default="runs/selfharmony", help="log, samples, checkpoint and plot go here")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt")
-    p.add_argument("--stop-after", type=int, default=0, help="stop after N steps of this run with a checkpoint, as Ctrl-C does")
+    p.add_argument("--stop-after", type=number(int, 0), default=0, help="stop after N steps of this run with a checkpoint, as Ctrl-C does")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of data order and sampling")

@@ -206,3 +206,30 @@ def test_a_cut_off_rollout_names_no_bare_number():
     # the same texts read as finished: the operand 1 ties 5 and wins the tie on the smaller string
     _, _, records = selfharmony.label_and_reward([row], texts, texts, [True] * 4, [True] * 4, args)
     assert records[0]["labels"]["mv"] == ("1", "1")
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--n-rollouts", "1", "integer >= 2"), ("--batch-size", "0", "integer >= 1"), ("--max-new-tokens", "0", ">= 1"),
+    ("--micro-batch", "0", ">= 1"), ("--eval-n", "0", ">= 1"), ("--steps", "0", ">= 1"), ("--steps", "-3", ">= 1"),
+    ("--limit", "0", ">= 1"), ("--temperature", "0", "number > 0"), ("--temperature", "-1", "number > 0"),
+    ("--lr", "-1e-6", "number > 0"), ("--lr", "nan", "number > 0"), ("--lr", "inf", "number > 0"),
+    ("--warmup", "1.5", "<= 1"), ("--kv-cache-gb", "0", "> 0"), ("--n-rollouts", "x", "must be an integer"),
+])
+def test_bad_numbers_are_one_line_from_the_parser(capsys, flag, value, says):
+    with pytest.raises(SystemExit) as e:
+        selfharmony.parse_args([f"{flag}={value}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith(f"selfharmony.py: error: argument {flag}:") or f"argument {flag}:" in err[-1]
+    assert says in err[-1]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--n", "0"], "--n: must be an integer >= 1"), (["--top-p", "0"], "--top-p: must be a number > 0 and <= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens: must be an integer >= 1"), (["--limit", "0"], "--limit"),
+])
+def test_eval_bad_numbers_are_one_line_from_the_parser(capsys, argv, says):
+    import eval as ev
+    with pytest.raises(SystemExit) as e:
+        ev.main(argv)
+    assert e.value.code == 2 and says in capsys.readouterr().err.strip().splitlines()[-1]
