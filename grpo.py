@@ -238,10 +238,12 @@ def accumulate_gradients(model, rollouts, micro_batch_size, ref_model=None, clip
 
 def step(model, optimizer, rollouts, micro_batch_size, ref_model=None, scheduler=None,
          max_grad_norm=1.0, **loss_kwargs):
-    """One optimiser update on a batch of rollouts; returns loss, grad norm, clip frac, KL, lr.
+    """One optimiser update on a batch of rollouts; returns loss, grad norm, clip frac, KL, lr, skipped.
 
     Under torchrun pass the bare model, not a DDP wrapper: the scoring forward goes through
-    model.get_decoder(), and this function sums the gradients over ranks itself.
+    model.get_decoder(), and this function sums the gradients over ranks itself. A NaN or inf
+    gradient norm (summed over ranks, so every rank decides alike) skips the update: weights and
+    AdamW's moments stay as they were, and stats["skipped"] says so.
     """
     optimizer.zero_grad(set_to_none=True)
     stats = accumulate_gradients(model, rollouts, micro_batch_size, ref_model, **loss_kwargs)
@@ -252,7 +254,9 @@ def step(model, optimizer, rollouts, micro_batch_size, ref_model=None, scheduler
                 dist.all_reduce(p.grad)
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm).item()
     stats["lr"] = optimizer.param_groups[0]["lr"]
-    optimizer.step()
+    stats["skipped"] = not math.isfinite(stats["grad_norm"])
+    if not stats["skipped"]:  # one NaN update would make every weight and both AdamW moments NaN
+        optimizer.step()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)

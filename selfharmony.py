@@ -29,6 +29,7 @@ only to measure, unless --selector gt.
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -274,6 +275,20 @@ def step_summary(records, r0, r1, comps0, comps1, rewrites, stops):
     return out
 
 
+MAX_SKIPS = 3  # updates in a row skipped for a NaN or inf gradient before the run stops
+
+
+def strict_json(obj):
+    """json.dumps with NaN and inf written as null, so every log line is valid JSON for any reader."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        return [clean(v) for v in x] if isinstance(x, (list, tuple)) else x
+    return json.dumps(clean(obj), allow_nan=False)
+
+
 def gather(obj, world):
     """Every rank's obj, in rank order (a list of one element without torchrun)."""
     if world == 1:
@@ -407,7 +422,7 @@ def main(argv=None):
 
     def log(row):
         with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(strict_json(row) + "\n")
 
     def run_eval(step):
         if args.no_eval:
@@ -439,6 +454,7 @@ def main(argv=None):
 
     if start == 0:
         run_eval(0)
+    skips = 0
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not master, desc="train")
     try:
         for step in bar:
@@ -460,17 +476,26 @@ def main(argv=None):
                 row["loss"] = sum(st["loss"] for st in stats)  # each rank's share of the global mean
                 for k in ("kl", "clip_frac", "ratio", "grad_norm", "lr", "t_sample", "t_reward", "t_update"):
                     row[k] = float(np.mean([st[k] for st in stats]))
+                row["skipped"] = out["stats"]["skipped"]
                 log(row)
                 with open(texts_path, "a") as f:
                     for view, v in (("solve", "0"), (args.reframe, "1")):
                         texts, rs = out["texts" + v], out["r" + v]
                         for i in range(min(args.log_texts, args.n_rollouts)):
-                            f.write(json.dumps({"step": step + 1, "id": rows[0]["id"], "view": view, "text": texts[i],
+                            f.write(strict_json({"step": step + 1, "id": rows[0]["id"], "view": view, "text": texts[i],
                                                 "reward": rs[i], "label": out["records"][0]["labels"][args.selector]})
                                     + "\n")
                 bar.write(f"step {step + 1}: reward {row['reward0']:.3f}/{row['reward1']:.3f}  label acc "
                           f"hms {row['label_acc/hms']:.2f} mv {row['label_acc/mv']:.2f}  kl {row['kl']:.4f}  "
-                          f"len {row['len0']:.0f}/{row['len1']:.0f}  {row['t_sample'] + row['t_reward'] + row['t_update']:.1f}s")
+                          f"len {row['len0']:.0f}/{row['len1']:.0f}  {row['t_sample'] + row['t_reward'] + row['t_update']:.1f}s"
+                          + ("  SKIPPED: NaN or inf gradient, weights unchanged" if row["skipped"] else ""))
+
+            # the same on every rank: the gradient norm is summed over ranks before it is judged
+            skips = skips + 1 if out["stats"]["skipped"] else 0
+            if skips == MAX_SKIPS:
+                raise SystemExit(f"stopped at step {step + 1}: the gradient was NaN or inf in {MAX_SKIPS} steps in a "
+                                 "row, and those updates were skipped (no checkpoint written since). Lower --lr or "
+                                 "--max-grad-norm, or --resume from the last checkpoint")
 
             done = step + 1 == total_steps
             if args.stop_after and step + 1 - start >= args.stop_after and not done:

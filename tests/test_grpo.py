@@ -312,3 +312,17 @@ def test_learning_signal_raises_rewarded_first_token():
         step(model, opt, Rollouts(ids, torch.ones_like(ids), comp, group_advantages(rewards, G)),
              micro_batch_size=8, kl_coef=0.0)
     assert p_first()[target] > 4 * p0[target]
+
+
+def test_a_nan_gradient_skips_the_update():
+    model = tiny_model()
+    optimizer = make_optimizer(model, lr=1e-2)
+    batch = rollouts_for(model)
+    batch.advantages = torch.tensor([1.0, float("nan"), 0.5, -1.0])  # a poisoned reward
+    before = copy.deepcopy(model.state_dict())
+    stats = step(model, optimizer, batch, 2, kl_coef=0.0)
+    assert stats["skipped"] and not math.isfinite(stats["grad_norm"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights untouched
+    assert optimizer.state == {} and all(p.grad is None for p in model.parameters())  # AdamW untouched
+    batch.advantages = torch.tensor([1.0, -0.5, 0.5, -1.0])
+    assert not step(model, optimizer, batch, 2, kl_coef=0.0)["skipped"]  # a finite step goes through

@@ -233,3 +233,18 @@ def test_eval_bad_numbers_are_one_line_from_the_parser(capsys, argv, says):
     with pytest.raises(SystemExit) as e:
         ev.main(argv)
     assert e.value.code == 2 and says in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_nan_updates_are_skipped_then_the_run_stops_without_saving(tmp_path):
+    # lr 1e20: the first update (weight decay alone) blows the weights up, every later gradient is NaN
+    with pytest.raises(SystemExit) as e:
+        selfharmony.main(TINY + ["--steps", "8", "--no-eval", "--lr", "1e20", "--save-every", "1",
+                                 "--out-dir", str(tmp_path)])
+    assert "NaN or inf in 3 steps in a row" in str(e.value.code)  # a message: exit status 1
+    strict = lambda line: json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in the log"))
+    rows = [strict(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["skipped"] for r in rows] == [False, True, True, True] and rows[-1]["loss"] is None
+    # the checkpoints of the skipped steps hold the weights of step 1, all finite
+    state = torch.load(tmp_path / "ckpt" / "trainer.pt", weights_only=False)
+    model = type(tiny_model()).from_pretrained(tmp_path / "ckpt")
+    assert state["step"] == 3 and all(torch.isfinite(p).all() for p in model.parameters())
