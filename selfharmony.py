@@ -33,6 +33,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -74,9 +75,9 @@ REWRITE_SYSTEM = (
 )
 
 
-def parse_args(argv=None):
+def make_parser():
     p = argparse.ArgumentParser(description="Self-Harmony test-time RL (defaults: the release's settings).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     # model and data
     p.add_argument("--model", default="Qwen/Qwen3-1.7B-Base", help="hub id, local folder, .gguf, 'smollm2' or 'tiny'")
     p.add_argument("--data", default="math500", help="benchmark name, 'arith', or a .jsonl file in the schema")
@@ -133,7 +134,36 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of data order and sampling")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return make_parser().parse_args(argv)
+
+
+# the flags that define a run: --resume takes them from the checkpoint and refuses other values
+# (the rest steer logging, evaluation, saving, memory or the device, and may change)
+RUN_FLAGS = ("model", "data", "limit", "arith_n", "arith_seed", "arith_level", "selector", "reframe", "reward",
+             "w_format", "w_div", "n_rollouts", "batch_size", "max_prompt_tokens", "max_new_tokens",
+             "thinking_block", "temperature", "lr", "weight_decay", "warmup", "kl_coef", "clip_eps",
+             "max_grad_norm", "loss_agg", "adv_scale", "steps", "epochs", "seed")
+
+
+def resume_args(args, argv, saved):
+    """args with the run-defining flags of the run being resumed (`saved`, from its checkpoint); a
+    flag given on the command line with another value stops with the list of every difference."""
+    argv = sys.argv[1:] if argv is None else argv
+    named = lambda k: any(a == "--" + k.replace("_", "-") or a.startswith("--" + k.replace("_", "-") + "=")
+                          for a in argv)  # exact: the parser takes no abbreviations
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved[k]})" for k in RUN_FLAGS
+               if k in saved and named(k) and getattr(args, k) != saved[k]]
+    if changed:
+        raise SystemExit("--resume: these flags differ from the run's: " + "; ".join(changed) +
+                         ". Drop them to continue the run, or start a new run in another --out-dir")
+    for k in RUN_FLAGS:
+        if k in saved:  # a checkpoint older than a flag keeps that flag's default
+            setattr(args, k, saved[k])
+    return args
 
 # -----------------------------------------------------------------------------
 # One step: rollouts of both views, labels, rewards, the batch for GRPO
@@ -371,6 +401,11 @@ def main(argv=None):
     out_dir = Path(args.out_dir)
     if not args.resume and (out_dir / "log.jsonl").exists():
         raise SystemExit(f"{out_dir} holds a run already: pass --resume to continue it, or another --out-dir")
+    ckpt = out_dir / "ckpt" if (out_dir / "ckpt").exists() else out_dir / "ckpt.old"
+    if args.resume:
+        if not ckpt.exists():
+            raise SystemExit(f"--resume: no checkpoint in {out_dir}")
+        args = resume_args(args, argv, torch.load(ckpt / "trainer.pt", weights_only=False)["args"])
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
 
@@ -387,12 +422,9 @@ def main(argv=None):
     total_steps = args.steps or args.epochs * steps_per_epoch
 
     # weights stay float32 (AdamW's lr-3e-6 updates vanish in bfloat16); bfloat16 is autocast compute
-    ckpt = out_dir / "ckpt" if (out_dir / "ckpt").exists() else out_dir / "ckpt.old"
-    if args.resume and not ckpt.exists():
-        raise SystemExit(f"--resume: no checkpoint in {out_dir}")
     model, tokenizer = load_model(str(ckpt) if args.resume else args.model, device, torch.float32)
     ref_model = None
-    if args.kl_coef:  # the reference is the starting model, also after a resume
+    if args.kl_coef:  # the reference is the starting model (the run's --model), also after a resume
         ref_model = load_model(args.model, device, torch.float32)[0] if args.resume else grpo.make_reference(model, args.kl_coef)
         ref_model.requires_grad_(False)
     if args.grad_checkpointing:

@@ -142,6 +142,17 @@ def _update_on_rows(rows, out_path):
     return model.state_dict()
 
 
+def test_resume_refuses_changed_run_flags_and_takes_the_rest_from_the_run(tmp_path):
+    run = ["--no-eval", "--out-dir", str(tmp_path)]
+    selfharmony.main(TINY + ["--steps", "3", "--stop-after", "1"] + run)
+    for flag, value in (("--n-rollouts", "8"), ("--model", "tiny-llama"), ("--steps", "5")):
+        with pytest.raises(SystemExit, match=rf"{flag} {value} \(the run's: "):
+            selfharmony.main(TINY + [flag, value, "--resume"] + run)
+    # no run flag given: model (also the KL reference), data and steps come from the checkpoint
+    selfharmony.main(["--resume"] + run)
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
+
+
 def test_two_gloo_ranks_equal_one_process_with_the_whole_batch(tmp_path):
     script = f"""
 import os, sys, torch, torch.distributed as dist
