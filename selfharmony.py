@@ -127,7 +127,9 @@ def make_parser():
     p.add_argument("--eval-max-new-tokens", type=number(int, 1), default=None, help="longest eval completion (default: --max-new-tokens)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation entirely")
     p.add_argument("--log-texts", type=number(int, 0), default=2, help="full rollout texts logged a step and view")
-    p.add_argument("--save-every", type=number(int, 0), default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--save-every", type=number(int, 0), default=10, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--save-minutes", type=number(float, 0), default=30,
+                   help="also checkpoint when this long has passed since the last one (0: never by time)")
     p.add_argument("--out-dir", default="runs/selfharmony", help="log, samples, checkpoint and plot go here")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt")
     p.add_argument("--stop-after", type=number(int, 0), default=0, help="stop after N steps of this run with a checkpoint, as Ctrl-C does")
@@ -336,6 +338,23 @@ def batch_indices(step, n_questions, batch_size, seed):
     return order[k * batch_size : (k + 1) * batch_size].tolist(), epoch
 
 
+def truncate_log(path, step):
+    """Keep the whole lines of a JSONL log that belong to steps <= step: a run killed after its last
+    checkpoint logged steps that the resumed run logs again, and may have left half a line."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line + "\n")
+        except json.JSONDecodeError:
+            pass
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
 def save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step, args):
     """The model as a Hugging Face folder plus trainer.pt, written beside and then renamed in:
     a run killed while saving keeps the previous checkpoint."""
@@ -399,12 +418,18 @@ def main(argv=None):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     compute_dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     out_dir = Path(args.out_dir)
-    if not args.resume and (out_dir / "log.jsonl").exists():
+    if not args.resume and any((out_dir / f).exists() for f in ("log.jsonl", "ckpt", "ckpt.old")):
         raise SystemExit(f"{out_dir} holds a run already: pass --resume to continue it, or another --out-dir")
     ckpt = out_dir / "ckpt" if (out_dir / "ckpt").exists() else out_dir / "ckpt.old"
-    if args.resume:
-        if not ckpt.exists():
+    if args.resume and not ckpt.exists():
+        if not (out_dir / "log.jsonl").exists():
             raise SystemExit(f"--resume: no checkpoint in {out_dir}")
+        # killed before its first checkpoint: nothing to continue from, so the run starts over
+        print(f"--resume: {out_dir} has no checkpoint yet; the run starts over with these flags")
+        for name in ("log.jsonl", "samples.jsonl"):
+            (out_dir / name).unlink(missing_ok=True)
+        args.resume = False
+    if args.resume:
         args = resume_args(args, argv, torch.load(ckpt / "trainer.pt", weights_only=False)["args"])
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -437,6 +462,17 @@ def main(argv=None):
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
+        if master:
+            for path in (out_dir / "log.jsonl", out_dir / "samples.jsonl"):
+                truncate_log(path, start)
+        if ddp:
+            dist.barrier()
+        logged = [json.loads(line) for line in open(out_dir / "log.jsonl")] if (out_dir / "log.jsonl").exists() else []
+        final_eval = any("eval" in r and r["step"] == total_steps for r in logged)
+        if start >= total_steps and (final_eval or args.no_eval):
+            if master:
+                print(f"{out_dir} holds a finished run ({total_steps} steps): nothing to do")
+            return
     # rollouts are drawn from a copy in the compute dtype (the policy itself when that is float32),
     # refreshed after every update; its KV cache is freed after each call, so the update reuses that memory
     sampler = sampling_copy(model, compute_dtype)
@@ -486,7 +522,7 @@ def main(argv=None):
 
     if start == 0:
         run_eval(0)
-    skips = 0
+    skips, last_save = 0, time.monotonic()
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not master, desc="train")
     try:
         for step in bar:
@@ -517,8 +553,9 @@ def main(argv=None):
                             f.write(strict_json({"step": step + 1, "id": rows[0]["id"], "view": view, "text": texts[i],
                                                 "reward": rs[i], "label": out["records"][0]["labels"][args.selector]})
                                     + "\n")
+                acc = lambda s: "none" if row[f"no_label/{s}"] == 1 else f"{row[f'label_acc/{s}']:.2f}"
                 bar.write(f"step {step + 1}: reward {row['reward0']:.3f}/{row['reward1']:.3f}  label acc "
-                          f"hms {row['label_acc/hms']:.2f} mv {row['label_acc/mv']:.2f}  kl {row['kl']:.4f}  "
+                          f"hms {acc('hms')} mv {acc('mv')}  kl {row['kl']:.4f}  "
                           f"len {row['len0']:.0f}/{row['len1']:.0f}  {row['t_sample'] + row['t_reward'] + row['t_update']:.1f}s"
                           + ("  SKIPPED: NaN or inf gradient, weights unchanged" if row["skipped"] else ""))
 
@@ -534,9 +571,16 @@ def main(argv=None):
                 stop_requested.append(1)
             if args.eval_every and (step + 1) % args.eval_every == 0 and not done:
                 run_eval(step + 1)
-            if stop_requested or done or (args.save_every and (step + 1) % args.save_every == 0):
+            due = ((args.save_every and (step + 1) % args.save_every == 0)
+                   or (args.save_minutes and time.monotonic() - last_save >= 60 * args.save_minutes))
+            if ddp:  # rank 0's clock decides for all: every rank must reach the same barrier
+                due = [due]
+                dist.broadcast_object_list(due, src=0)
+                due = due[0]
+            if stop_requested or done or due:
                 if master:
                     save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step + 1, args)
+                last_save = time.monotonic()
                 if ddp:
                     dist.barrier()
             if stop_requested:

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -259,3 +260,32 @@ def test_nan_updates_are_skipped_then_the_run_stops_without_saving(tmp_path):
     state = torch.load(tmp_path / "ckpt" / "trainer.pt", weights_only=False)
     model = type(tiny_model()).from_pretrained(tmp_path / "ckpt")
     assert state["step"] == 3 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_kill_9_at_any_moment_then_resume_gives_the_uninterrupted_run(tmp_path):
+    argv = TINY + ["--steps", "6", "--no-eval", "--save-every", "2"]
+    selfharmony.main(argv + ["--out-dir", str(tmp_path / "straight")])
+    out, env = tmp_path / "killed", {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "selfharmony.py")] + argv + ["--out-dir", str(out)]
+
+    def steps_logged():
+        try:
+            return sum('"reward0"' in line for line in open(out / "log.jsonl"))
+        except OSError:
+            return 0
+
+    # kill -9 once a given number of steps is logged (+ a pause: inside a step, a checkpoint write,
+    # or before the first checkpoint exists), then resume; each resume must continue the same run
+    for i, (after, pause) in enumerate([(1, 0.0), (3, 0.05), (4, 0.3)]):
+        proc = subprocess.Popen(cmd + (["--resume"] if i else []), env=env, cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None and steps_logged() < after:
+            time.sleep(0.01)
+        time.sleep(pause)
+        proc.kill()
+        proc.wait()
+    subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, check=True, stdout=subprocess.DEVNULL)
+    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # one whole line a step, no repeats
+    a, b = final_weights(tmp_path / "straight"), final_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
