@@ -91,6 +91,8 @@ def check_row(row, where):
     for key in ("id", "problem", "answer"):
         if key not in row or not isinstance(row[key], (str, int, float)):
             raise ValueError(f"{where}: missing or non-scalar {key!r}")
+    if not isinstance(row["problem"], str) or not row["problem"].strip():
+        raise ValueError(f"{where}: 'problem' must be a non-empty string")
     if "choices" in row:
         if not isinstance(row["choices"], list) or not row["choices"]:
             raise ValueError(f"{where}: 'choices' must be a non-empty list")
@@ -119,6 +121,8 @@ def read_jsonl(path):
             raise ValueError(f"{where}: duplicate id {row['id']!r}")
         seen.add(row["id"])
         rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no questions in the file")
     return rows
 
 
@@ -419,7 +423,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     print(vars(args))
 
-    rows = load_benchmark(args.data, args.data_dir, n=args.arith_n, seed=args.arith_seed, level=args.arith_level)
+    try:
+        rows = load_benchmark(args.data, args.data_dir, n=args.arith_n, seed=args.arith_seed, level=args.arith_level)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"data: {e}")
     rows = rows[: args.limit] if args.limit else rows
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = sample.load_model(args.model, device=device, dtype=args.dtype)

@@ -204,6 +204,18 @@ def test_bad_input_is_a_clear_message(tmp_path, capsys, argv, message):
     assert (message or "invalid choice") in text
 
 
+@pytest.mark.parametrize("content, says", [("", "no questions in the file"),
+                                           ('{"id": 1, "problem": 7, "answer": "7"}\n', "'problem' must be")])
+def test_bad_data_files_are_one_line_in_both_tools(tmp_path, content, says):
+    import eval as ev
+    data = tmp_path / "bad.jsonl"
+    data.write_text(content)
+    for main, argv in ((selfharmony.main, TINY + ["--out-dir", str(tmp_path / "run")]),
+                       (ev.main, ["--model", "tiny", "--out-dir", str(tmp_path / "eval")])):
+        with pytest.raises(SystemExit, match=f"data: .*bad.jsonl.*{says}"):
+            main(argv + ["--data", str(data)])
+
+
 def test_a_cut_off_rollout_names_no_bare_number():
     # arith reads the last number of a finished completion; a cut-off one ("To add 4 and 1, we")
     # would otherwise vote for the question's own operand in both views
