@@ -130,7 +130,9 @@ def make_parser():
     p.add_argument("--save-every", type=number(int, 0), default=10, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--save-minutes", type=number(float, 0), default=30,
                    help="also checkpoint when this long has passed since the last one (0: never by time)")
-    p.add_argument("--out-dir", default="runs/selfharmony", help="log, samples, checkpoint and plot go here")
+    p.add_argument("--out-dir", default=None,
+                   help="log, samples, checkpoint and plot go here (default: a new runs/<model>-<data>-<selector>-<time>)")
+    p.add_argument("--plot", action="store_true", help="only draw <out-dir>/curves.png from its log.jsonl, and exit")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt")
     p.add_argument("--stop-after", type=number(int, 0), default=0, help="stop after N steps of this run with a checkpoint, as Ctrl-C does")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -417,7 +419,17 @@ def main(argv=None):
     if device == "cuda" and ddp:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     compute_dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    if args.out_dir is None:
+        if args.resume or args.plot:
+            raise SystemExit("--resume and --plot need the run's --out-dir")
+        name = [f"runs/{Path(args.model).name}-{Path(args.data).stem}-{args.selector}-{time.strftime('%Y%m%d-%H%M%S')}"]
+        if ddp:  # rank 0's clock names the folder for every rank
+            dist.broadcast_object_list(name, src=0)
+        args.out_dir = name[0]
     out_dir = Path(args.out_dir)
+    if args.plot:
+        png = plot(out_dir / "log.jsonl", out_dir / "curves.png") if (out_dir / "log.jsonl").exists() else None
+        raise SystemExit(f"wrote {png}" if png else f"no plot: {out_dir}/log.jsonl missing or matplotlib not installed")
     if not args.resume and any((out_dir / f).exists() for f in ("log.jsonl", "ckpt", "ckpt.old")):
         raise SystemExit(f"{out_dir} holds a run already: pass --resume to continue it, or another --out-dir")
     ckpt = out_dir / "ckpt" if (out_dir / "ckpt").exists() else out_dir / "ckpt.old"
@@ -589,11 +601,16 @@ def main(argv=None):
                 break
         else:
             run_eval(total_steps)
-            if master and plot(log_path, out_dir / "curves.png"):
-                print(f"wrote {out_dir / 'curves.png'}")
+            if master:
+                png = plot(log_path, out_dir / "curves.png")
+                print(f"wrote {png}" if png else "no curves.png: matplotlib is not installed (pip install matplotlib, "
+                      f"then python selfharmony.py --plot --out-dir {out_dir})")
     except torch.OutOfMemoryError:
         raise SystemExit(f"out of memory in step {step + 1}: lower --micro-batch, --kv-cache-gb or "
                          "--max-new-tokens, or add --grad-checkpointing; --resume continues from the last checkpoint")
+    except KeyboardInterrupt:  # the second Ctrl-C: checkpoints are written atomically, so the last one stands
+        raise SystemExit(f"interrupted in step {step + 1}; --resume --out-dir {out_dir} continues from the last "
+                         "checkpoint")
     if ddp:
         dist.destroy_process_group()
 

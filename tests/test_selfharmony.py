@@ -301,3 +301,13 @@ def test_kill_9_at_any_moment_then_resume_gives_the_uninterrupted_run(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # one whole line a step, no repeats
     a, b = final_weights(tmp_path / "straight"), final_weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_without_out_dir_gets_its_own_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    selfharmony.main(TINY + ["--steps", "1", "--no-eval"])
+    run, = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("tiny-arith-hms-") and (run / "ckpt").exists()
+    for flag in ("--resume", "--plot"):
+        with pytest.raises(SystemExit, match="need the run's --out-dir"):
+            selfharmony.main(TINY + [flag])
