@@ -14,8 +14,8 @@ reference, and tests/test_engine.py checks that both give the same tokens. What 
   3. A decode step of fixed shapes. It reads slots [0, b) and cache columns [0, t) for a bucket
      (b, t), and takes everything that changes (token, position, the uniform number of its draw)
      from static buffers, so on CUDA it is captured once a bucket as a CUDA graph and replayed:
-     the ~1,800 kernels of a 1.7B step cost one launch. Sampling inside it is `sample.sample_next`, the
-     eager path's own function, fed with uniforms drawn outside the graph.
+     the ~1,800 kernels of a 1.7B step cost one launch. Sampling inside it is
+     `sample.sample_next`, the eager path's own function, fed with uniforms drawn outside the graph.
   4. Attention reads each key/value head once: the g query heads that share it are matched as
      g queries of one head, (b, Hkv, g, D) against (b, Hkv, t, D), with no copy of K and V per
      query head (HF's repeat_kv) and no mask rebuilt by a framework; a row sees columns 0..pos of
