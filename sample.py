@@ -2,10 +2,12 @@
 Batched sampling with a KV cache the sampler owns, and model loading.
 
 Test-time RL spends most of its time here: every step draws G = 16 solver completions and
-G = 16 reframe-and-solve completions per question. `generate` is a plain decode loop over a
-key/value cache that is allocated once per call as (layers, rows, heads, time, head_dim) and
-written in place; the Hugging Face model only supplies the forward pass. Four things make it
-faster than `model.generate` for this workload, and each is visible below:
+G = 16 reframe-and-solve completions per question. `generate` is the one entry point: with
+engine="fast" it hands the same contract to engine.py (slots, its own forward, CUDA graphs), and
+by default it runs `generate_eager`, the reference: a plain decode loop over a key/value cache
+that is allocated once per call as (layers, rows, heads, time, head_dim) and written in place;
+the Hugging Face model only supplies the forward pass. Four things make it faster than
+`model.generate` for this workload, and each is visible below:
   1. each distinct prompt is prefilled ONCE and its cache copied to its n samples
      (HF repeats the prompt n times and prefills every copy);
   2. prefill computes logits for the last position only;
