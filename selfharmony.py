@@ -157,9 +157,9 @@ def resume_args(args, argv, saved):
     """args with the run-defining flags of the run being resumed (`saved`, from its checkpoint); a
     flag given on the command line with another value stops with the list of every difference."""
     argv = sys.argv[1:] if argv is None else argv
-    named = lambda k: any(a == "--" + k.replace("_", "-") or a.startswith("--" + k.replace("_", "-") + "=")
-                          for a in argv)  # exact: the parser takes no abbreviations
-    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved[k]})" for k in RUN_FLAGS
+    flag = lambda k: "--" + k.replace("_", "-")
+    named = lambda k: any(a == flag(k) or a.startswith(flag(k) + "=") for a in argv)  # the parser takes no abbreviations
+    changed = [f"{flag(k)} {getattr(args, k)} (the run's: {saved[k]})" for k in RUN_FLAGS
                if k in saved and named(k) and getattr(args, k) != saved[k]]
     if changed:
         raise SystemExit("--resume: these flags differ from the run's: " + "; ".join(changed) +
@@ -441,8 +441,10 @@ def main(argv=None):
         for name in ("log.jsonl", "samples.jsonl"):
             (out_dir / name).unlink(missing_ok=True)
         args.resume = False
-    if args.resume:
-        args = resume_args(args, argv, torch.load(ckpt / "trainer.pt", weights_only=False)["args"])
+    state = None
+    if args.resume:  # read once: the run's flags now, the optimiser and schedule once they exist
+        state = torch.load(ckpt / "trainer.pt", map_location=device, weights_only=False)
+        args = resume_args(args, argv, state["args"])
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
 
@@ -470,7 +472,6 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: grpo.lr_schedule(s, total_steps, args.warmup))
     start = 0
     if args.resume:
-        state = torch.load(ckpt / "trainer.pt", map_location=device, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
