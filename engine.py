@@ -184,12 +184,13 @@ def buckets(rows):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0, top_k=0, stop_ids=(),
-             generator=None, max_rows=None, check_every=None, cuda_graphs=None):
+             generator=None, max_rows=None, check_every=None, cuda_graphs=None, progress=None):
     """
     sample.generate's contract (len(prompts) * n token lists, prompt-major, each cut after its first
     stop id or at max_new_tokens) over a pool of at most max_rows slots. check_every: decode steps
     between two looks of the host (default 8 on CUDA, 1 on the CPU); cuda_graphs: capture the decode
-    step (default: on CUDA). On the CPU the buckets are exact sizes (no graphs to reuse).
+    step (default: on CUDA). On the CPU the buckets are exact sizes (no graphs to reuse). progress:
+    called with the number of sequences that have just ended.
     """
     device, dtype = model.device, next(model.parameters()).dtype
     cuda = device.type == "cuda"
@@ -232,6 +233,8 @@ def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0,
                 out[seq[s]].append(token)
                 if token in stops or max_new_tokens == 1:
                     seq[s] = -1
+                    if progress:
+                        progress(1)
 
     def pack():
         """Move the live rows into the lowest slots, so the decode step reads no free slot in between."""
@@ -271,6 +274,8 @@ def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0,
                     row.append(token)
                     if token in stops or len(row) == max_new_tokens:
                         seq[s] = -1
+                        if progress:
+                            progress(1)
                         break
                 pos[s] += check_every
     return out

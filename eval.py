@@ -326,12 +326,14 @@ def summarize(rows, correct, answers, greedy=None):
 
 
 def evaluate(model, tokenizer, rows, *, n=16, temperature=0.8, top_p=0.95, max_new_tokens=1024,
-             batch_size=8, seed=0, greedy=False, engine="eager", max_rows=None, thinking_block=False):
+             batch_size=8, seed=0, greedy=False, engine="eager", max_rows=None, thinking_block=False,
+             on_records=None):
     """
     Sample n completions a question with the solver prompt, plus one greedy completion if
     greedy, and grade them. Returns (summary from summarize(), records: one dict a completion
     {id, kind, index, text, finished, answer, correct}). batch_size counts questions a generate call;
     engine and max_rows (rows in flight) go to sample.generate; thinking_block to render_prompt.
+    on_records: called with each generate call's records as soon as they are graded (to save them).
     """
     if not rows:
         raise ValueError("no questions to evaluate")
@@ -341,27 +343,49 @@ def evaluate(model, tokenizer, rows, *, n=16, temperature=0.8, top_p=0.95, max_n
     stops, generator = sample.stop_ids(model, tokenizer), torch.Generator(model.device).manual_seed(seed)
     was_training = model.training
     model.eval()
-    records = {"sampled": [], "greedy": []}
+    records = []
     modes = [("sampled", n, temperature)] + ([("greedy", 1, 0.0)] if greedy else [])
-    with tqdm(total=len(rows) * len(modes), desc="eval", unit="question") as bar:
+    with tqdm(total=len(rows) * sum(k for _, k, _ in modes), desc="eval", unit="completion") as bar:
         for kind, k, temp in modes:
             for start in range(0, len(rows), batch_size):
                 outs = sample.generate(model, prompts[start : start + batch_size], max_new_tokens, n=k,
                                        temperature=temp, top_p=top_p, stop_ids=stops, generator=generator,
-                                       engine=engine, max_rows=max_rows)
+                                       engine=engine, max_rows=max_rows, progress=bar.update)
+                graded = []
                 for j, ids in enumerate(outs):  # prompt-major: the k samples of a question are adjacent
                     row, text = rows[start + j // k], tokenizer.decode(ids, skip_special_tokens=True)
                     done = sample.finished(ids, stops)
-                    records[kind].append(dict(id=row["id"], kind=kind, index=j % k, text=text, finished=done,
-                                              answer=answer_of(text, row, done),
-                                              correct=is_correct(text, row, done)))
-                bar.update(len(outs) // k)
+                    graded.append(dict(id=row["id"], kind=kind, index=j % k, text=text, finished=done,
+                                       answer=answer_of(text, row, done), correct=is_correct(text, row, done)))
+                records += graded
+                if on_records:
+                    on_records(graded)
     model.train(was_training)
-    by_question = [records["sampled"][i * n : (i + 1) * n] for i in range(len(rows))]
-    summary = summarize(rows, [[s["correct"] for s in q] for q in by_question],
-                        [[s["answer"] for s in q] for q in by_question],
-                        [s["correct"] for s in records["greedy"]] if greedy else None)
-    return summary, records["sampled"] + records["greedy"]
+    return summarize_records(rows, records, n), records
+
+
+def summarize_records(rows, records, n):
+    """summarize() over the questions whose n sampled records are all there (all of them after a whole
+    evaluation, the finished ones after an interrupted one); greedy where every one of those has it."""
+    sampled, greedy = defaultdict(list), {}
+    for r in records:
+        if r["kind"] == "greedy":
+            greedy[r["id"]] = r
+        else:
+            sampled[r["id"]].append(r)
+    done = [row for row in rows if len(sampled[row["id"]]) == n]
+    if not done:
+        return None
+    has_greedy = bool(greedy) and all(row["id"] in greedy for row in done)
+    return summarize(done, [[s["correct"] for s in sampled[row["id"]]] for row in done],
+                     [[s["answer"] for s in sampled[row["id"]]] for row in done],
+                     [greedy[row["id"]]["correct"] for row in done] if has_greedy else None)
+
+
+def results_name(data, model):
+    """<data>-<model> as a file name, from the model's whole id or path: two models never share one
+    (Qwen/Qwen3-1.7B-Base -> math500-Qwen_Qwen3-1.7B-Base)."""
+    return re.sub(r"[^\w.-]+", "_", f"{Path(data).stem}-{str(model).strip('/')}").strip("_")
 
 
 def print_table(summary):
@@ -394,11 +418,11 @@ def number(kind, low=None, high=None, above=False):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a model on a benchmark: mean@k, maj@k, pass@k, greedy.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     # model
     p.add_argument("--model", default="smollm2", help="hub id, local folder, .gguf file, 'smollm2' or 'tiny'")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default="float32", help="weights dtype: float32, bfloat16, float16")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="weights dtype")
     # data
     p.add_argument("--data", default="math500", help=f"one of {', '.join([*FILES, 'arith'])}, or a .jsonl path")
     p.add_argument("--data-dir", default=None, help="folder of the benchmark files (default: $SELFHARMONY_DATA)")
@@ -419,7 +443,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--greedy", action="store_true", help="also report greedy (temperature 0) accuracy")
     # output
-    p.add_argument("--out-dir", default="out/eval", help="folder for <data>-<model>.json and .samples.jsonl")
+    p.add_argument("--out-dir", default="out/eval",
+                   help="folder for <data>-<model>.json and .samples.jsonl (Ctrl-C keeps what was done)")
     args = p.parse_args(argv)
     print(vars(args))
 
@@ -428,22 +453,45 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         raise SystemExit(f"data: {e}")
     rows = rows[: args.limit] if args.limit else rows
+    out = Path(args.out_dir)
+    json_path = out / f"{results_name(args.data, args.model)}.json"
+    samples_path = json_path.with_suffix(".samples.jsonl")
+    if json_path.exists():  # the same name from another model (a_b and a/b): never overwrite its results
+        previous = json.loads(json_path.read_text()).get("args", {}).get("model")
+        if previous not in (None, args.model):
+            raise SystemExit(f"{json_path} holds the results of model {previous!r}: pass another --out-dir")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = sample.load_model(args.model, device=device, dtype=args.dtype)
     engine = args.engine or ("fast" if device.startswith("cuda") else "eager")
-    summary, records = evaluate(model, tokenizer, rows, n=args.n, temperature=args.temperature, top_p=args.top_p,
-                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                                greedy=args.greedy, engine=engine, max_rows=args.max_rows,
-                                thinking_block=args.thinking_block)
-    print_table(summary)
-
-    tag = re.sub(r"[^\w.-]+", "_", f"{Path(args.data).stem}-{Path(args.model).name}")
-    out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{tag}.json").write_text(json.dumps({"args": vars(args), **summary}, indent=2) + "\n")
-    with open(out / f"{tag}.samples.jsonl", "w") as f:
-        f.writelines(json.dumps(rec) + "\n" for rec in records)
-    print(f"wrote {out / f'{tag}.json'} and {out / f'{tag}.samples.jsonl'}")
+
+    def write(summary, **extra):
+        json_path.write_text(json.dumps({"args": vars(args), **extra, **summary}, indent=2) + "\n")
+
+    # each completion is written as soon as its batch is graded: an interrupted run keeps them
+    with open(samples_path, "w") as f:
+        graded = []
+
+        def save(batch):
+            graded.extend(batch)
+            f.writelines(json.dumps(rec) + "\n" for rec in batch)
+            f.flush()
+        try:
+            summary, _ = evaluate(model, tokenizer, rows, n=args.n, temperature=args.temperature, top_p=args.top_p,
+                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                                  greedy=args.greedy, engine=engine, max_rows=args.max_rows,
+                                  thinking_block=args.thinking_block, on_records=save)
+        except KeyboardInterrupt:
+            partial = summarize_records(rows, graded, args.n)
+            if partial is None:
+                raise SystemExit(f"interrupted before any question was done; {samples_path} holds "
+                                 f"{len(graded)} completions")
+            write(partial, interrupted=True)
+            raise SystemExit(f"interrupted: {partial['questions']} of {len(rows)} questions done, their metrics "
+                             f"in {json_path} (marked interrupted)")
+    print_table(summary)
+    write(summary)
+    print(f"wrote {json_path} and {samples_path}")
     return summary
 
 

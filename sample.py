@@ -32,6 +32,8 @@ import importlib.metadata
 import inspect
 import os
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -151,12 +153,42 @@ def load_model(name, device="cpu", dtype="float32"):
         if not Path(name).is_file():
             raise SystemExit(f"no such GGUF file: {name}")
         name = gguf_to_hf(name, cache_root / Path(name).stem)
+    else:
+        check_source(str(name))
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    except OSError as e:
-        raise SystemExit(f"cannot load model {name!r}: not a local folder, .gguf file, or reachable hub id ({e})")
+    except (OSError, ValueError) as e:  # a folder without a model in it, a hub id that does not exist
+        raise SystemExit(f"cannot load model {name!r}: not a model folder, .gguf file, or hub model "
+                         f"({str(e).strip().splitlines()[0]})")
     return model.to(device).eval(), tokenizer
+
+
+def check_source(name, timeout=5):
+    """Stop with one line, at once, when `name` is neither a model folder nor a hub id this machine
+    can fetch: offline, the hub client retries for ~50 s and prints two dozen lines first."""
+    if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
+        raise SystemExit(f"{name} holds no model (no config.json): pass a folder that save_pretrained wrote")
+    if Path(name).exists():
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise SystemExit(f"no such model folder: {name}")
+    try:  # downloaded before: the hub cache serves it without the network
+        from huggingface_hub import try_to_load_from_cache
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+    except Exception:  # an id the hub client rejects is reported by from_pretrained
+        return
+    hint = "pass a local folder with --model (one that save_pretrained wrote, or a .gguf file)"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise SystemExit(f"model {name!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: {hint}")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/api/models/{name}", method="HEAD"), timeout=timeout)
+    except urllib.error.HTTPError:  # the hub answered (a 401 may be a private model and a token): from_pretrained says more
+        return
+    except OSError as e:  # no route, refused, timed out
+        raise SystemExit(f"model {name!r}: cannot reach {endpoint} ({getattr(e, 'reason', e)}): {hint}")
 
 
 def finished(completion, stop_ids):
@@ -305,7 +337,7 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, u=N
 
 
 def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0, top_k=0,
-             stop_ids=(), generator=None, engine="eager", max_rows=None):
+             stop_ids=(), generator=None, engine="eager", max_rows=None, progress=None):
     """
     Sample n completions for each prompt (lists of token ids of any lengths). Returns
     len(prompts) * n lists of new token ids, prompt-major; each ends at its first stop token
@@ -315,12 +347,14 @@ def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0,
     its own forward and CUDA graphs (Llama / Qwen2 / Qwen3 models; others run eager).
     max_rows: at most this many sequences in flight (None: all of them). The eager loop meets it
     by sampling whole prompts in chunks (at least one prompt, n rows, a chunk).
+    progress: called with the number of completions that have just ended (a progress bar's update).
     """
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("generate needs at least one prompt and no empty prompt")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, not {max_new_tokens}")
-    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, stop_ids=stop_ids, generator=generator)
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, stop_ids=stop_ids, generator=generator,
+                    progress=progress)
     if engine == "fast":
         import engine as fast  # engine.py builds on this file, so it is imported when asked for
         if fast.supports(model):
@@ -334,7 +368,7 @@ def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0,
 
 @torch.no_grad()  # not inference_mode: callers may feed these ids into autograd later
 def generate_eager(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0, top_k=0,
-                   stop_ids=(), generator=None):
+                   stop_ids=(), generator=None, progress=None):
     """generate's reference loop: all rows of all prompts in one batch, finished rows leave it."""
     device, dtype = model.device, next(model.parameters()).dtype
     if torch.is_autocast_enabled(device.type):  # float32 weights, bfloat16 compute: cache what attention sees
@@ -372,6 +406,8 @@ def generate_eager(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_
         done = torch.isin(tok, stop)
         if done.any():  # note: a CPU-GPU sync point, the price of dropping finished rows
             length[live[done]] = t + 1
+            if progress:
+                progress(int(done.sum()))
             keep = (~done).nonzero().squeeze(-1)
             live, tok, next_pos, mask = live[keep], tok[keep], next_pos[keep], mask[keep]
             cache.keep(keep)
@@ -382,6 +418,8 @@ def generate_eager(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_
         logits = forward_last(model, tok[:, None], mask[:, : Tp + t + 1], next_pos[:, None], cache)
         cache.pos += 1
         next_pos += 1
+    if progress and len(live):  # the rows cut off at max_new_tokens
+        progress(len(live))
     return [row[:n_tok] for row, n_tok in zip(new.tolist(), length.tolist())]
 
 

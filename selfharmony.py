@@ -28,6 +28,7 @@ only to measure, unless --selector gt.
 """
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -136,7 +137,8 @@ def make_parser():
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt")
     p.add_argument("--stop-after", type=number(int, 0), default=0, help="stop after N steps of this run with a checkpoint, as Ctrl-C does")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="compute dtype of sampling and the update's autocast (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of data order and sampling")
     return p
 
@@ -199,8 +201,11 @@ def rollout(sampler, tokenizer, rows, args, generator, stops):
     Both views go to the sampler as one pool; it keeps as many rows in flight as the KV budget holds."""
     def sample(prompts, n=args.n_rollouts):
         rows_in_flight = max_rows(sampler, max(map(len, prompts)) + args.max_new_tokens, args, len(rows) * n)
-        return generate(sampler, prompts, args.max_new_tokens, n=n, temperature=args.temperature, stop_ids=stops,
-                        generator=generator, engine=args.engine, max_rows=rows_in_flight)
+        quiet = dist.is_initialized() and dist.get_rank() > 0
+        with tqdm(total=len(prompts) * n, desc="rollouts", unit="rollout", leave=False, disable=quiet) as bar:
+            return generate(sampler, prompts, args.max_new_tokens, n=n, temperature=args.temperature,
+                            stop_ids=stops, generator=generator, engine=args.engine, max_rows=rows_in_flight,
+                            progress=bar.update)
 
     rewrites = None
     prompts0 = [solver_prompt(tokenizer, r, args) for r in rows]
@@ -362,10 +367,16 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step, args)
     a run killed while saving keeps the previous checkpoint."""
     tmp, final, old = out_dir / "ckpt.tmp", out_dir / "ckpt", out_dir / "ckpt.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "args": vars(args)}, tmp / "trainer.pt")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "args": vars(args)}, tmp / "trainer.pt")
+    except (OSError, RuntimeError) as e:  # a full disk: torch says "[enforce fail at inline_container.cc:672]"
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(out_dir).free / 2**30
+        raise SystemExit(f"could not write the checkpoint of step {step} to {out_dir} ({str(e).strip()[:200]}); "
+                         f"{free:.1f} GiB free there. The last checkpoint stands: free some space, then --resume")
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
@@ -609,6 +620,10 @@ def main(argv=None):
     except torch.OutOfMemoryError:
         raise SystemExit(f"out of memory in step {step + 1}: lower --micro-batch, --kv-cache-gb or "
                          "--max-new-tokens, or add --grad-checkpointing; --resume continues from the last checkpoint")
+    except OSError as e:  # the logs on a full disk (resume drops a half-written last line)
+        if e.errno != errno.ENOSPC:
+            raise
+        raise SystemExit(f"disk full in step {step + 1} ({e}): free some space in {out_dir}, then --resume")
     except KeyboardInterrupt:  # the second Ctrl-C: checkpoints are written atomically, so the last one stands
         raise SystemExit(f"interrupted in step {step + 1}; --resume --out-dir {out_dir} continues from the last "
                          "checkpoint")

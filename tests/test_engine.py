@@ -55,9 +55,11 @@ def test_one_new_token_and_stop_on_the_first_token(tok):
 def test_stop_ids_and_max_new_tokens(tok):
     model = tiny_model("qwen3")
     stops = list(range(0, 259, 10))  # a tenth of the vocabulary: rows end at all lengths
+    ended = []
     out = engine.generate(model, [tok.encode("abc"), tok.encode("hello world")], 12, n=16, stop_ids=stops,
-                          generator=torch.Generator().manual_seed(0), max_rows=7, check_every=5)
-    assert len(out) == 32
+                          generator=torch.Generator().manual_seed(0), max_rows=7, check_every=5,
+                          progress=ended.append)
+    assert len(out) == 32 and ended == [1] * 32  # the progress hook hears of each sequence as it ends
     for row in out:
         first_stop = next((i for i, t in enumerate(row) if t in stops), None)
         assert len(row) == 12 if first_stop is None else first_stop == len(row) - 1

@@ -291,3 +291,38 @@ def test_arith_asks_for_the_bare_number_and_reads_the_last_one():
     # benchmarks without answer_format keep the strict rule: no box, no answer
     math_row = {"id": "m", "problem": "1 + 1?", "answer": "2"}
     assert ev.answer_of("it is 2", math_row) is None and ev.solver_messages(math_row)[0] == ev.SOLVER_SYSTEM
+
+
+def test_ctrl_c_keeps_the_questions_done_and_says_so_in_one_line(tmp_path, monkeypatch):
+    import sample
+
+    real, calls = sample.generate, []
+
+    def interrupted_on_the_third_call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sample, "generate", interrupted_on_the_third_call)
+    argv = ["--model", "tiny", "--data", "arith", "--arith-n", "4", "--n", "2", "--max-new-tokens", "3",
+            "--batch-size", "1", "--out-dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"^interrupted: 2 of 4 questions done, their metrics in .*arith-tiny.json"):
+        ev.main(argv)
+    results = json.loads((tmp_path / "arith-tiny.json").read_text())
+    samples = [json.loads(line) for line in (tmp_path / "arith-tiny.samples.jsonl").read_text().splitlines()]
+    assert results["interrupted"] and results["questions"] == 2 and len(samples) == 2 * 2
+    # the two questions done are what a whole run of those two gives
+    monkeypatch.setattr(sample, "generate", real)
+    whole = ev.main(argv[:5] + ["2"] + argv[6:] + ["--out-dir", str(tmp_path / "whole")])
+    assert (tmp_path / "whole" / "arith-tiny.samples.jsonl").read_text().splitlines() == [json.dumps(s) for s in samples]
+    assert whole["mean@2"] == results["mean@2"]
+
+
+def test_results_are_named_by_the_whole_model_id_and_never_overwrite_another_models(tmp_path):
+    assert ev.results_name("math500", "Qwen/Qwen3-1.7B-Base") == "math500-Qwen_Qwen3-1.7B-Base"
+    assert ev.results_name("x/my.jsonl", "/home/me/runs/a/ckpt/") == "my-home_me_runs_a_ckpt"
+    assert ev.results_name("arith", "runs/a/ckpt") != ev.results_name("arith", "runs/b/ckpt")
+    (tmp_path / "arith-a_b.json").write_text(json.dumps({"args": {"model": "a_b"}}))
+    with pytest.raises(SystemExit, match="holds the results of model 'a_b'"):
+        ev.main(["--model", "a/b", "--data", "arith", "--out-dir", str(tmp_path)])

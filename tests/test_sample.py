@@ -1,5 +1,7 @@
 """The sampler against HF generate (greedy, token for token) and against the softmax it claims to sample."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -49,9 +51,13 @@ def test_rows_leaving_the_batch_do_not_disturb_the_others(model, tok):
 def test_stop_ids_and_max_new_tokens(tok):
     model = tiny_model("qwen3")
     stops = list(range(0, 259, 3))  # a third of the vocabulary: most rows stop early
+    ended = []  # the progress hook: how many rows ended at each step that ended any
     out = generate(model, [tok.encode("abc"), tok.encode("hello world")], 12, n=16, stop_ids=stops,
-                   generator=torch.Generator().manual_seed(0))
-    assert len(out) == 32
+                   generator=torch.Generator().manual_seed(0), progress=ended.append)
+    assert len(out) == 32 and sum(ended) == 32
+    # each step's stopped rows at once, in order of length, then the rows cut off at 12
+    stopped, cut = [len(r) for r in out if r[-1] in stops], sum(r[-1] not in stops for r in out)
+    assert ended == [stopped.count(k) for k in sorted(set(stopped))] + [cut]
     for row in out:
         assert 1 <= len(row) <= 12
         first_stop = next((i for i, t in enumerate(row) if t in stops), None)
@@ -139,8 +145,23 @@ def test_load_model_tiny_and_stop_ids():
 def test_load_model_errors(tmp_path):
     with pytest.raises(SystemExit, match="no such GGUF"):
         load_model(str(tmp_path / "missing.gguf"))
-    with pytest.raises(SystemExit, match="cannot load model"):
+    with pytest.raises(SystemExit, match="no such model folder"):
         load_model(str(tmp_path / "no-such-folder"))
+    with pytest.raises(SystemExit, match="holds no model"):
+        load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("env, says", [({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+                                       ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "cannot reach http://127.0.0.1:9")])
+def test_an_unreachable_hub_id_fails_at_once_with_one_line(monkeypatch, tmp_path, env, says):
+    # the hub client would retry for ~50 s; the check answers from the cache or one short request
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit, match=f"{says}.*pass a local folder") as e:
+        load_model("someone/no-such-model")
+    assert "\n" not in str(e.value.code) and time.perf_counter() - t0 < 10
 
 
 def test_smollm2_gguf_loads_and_greedy_matches_hf():

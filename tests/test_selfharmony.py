@@ -1,5 +1,6 @@
 """The loop: every logged field, own question and own mask per rollout, resume, two gloo ranks, bad input."""
 
+import errno
 import json
 import os
 import socket
@@ -216,6 +217,18 @@ def test_bad_data_files_are_one_line_in_both_tools(tmp_path, content, says):
             main(argv + ["--data", str(data)])
 
 
+@pytest.mark.parametrize("model, says", [("/no/such/folder", "no such model folder"), ("empty", "holds no model")])
+def test_a_bad_model_is_one_line_in_both_tools(tmp_path, model, says):
+    import eval as ev
+    if model == "empty":  # a folder without a model in it
+        (tmp_path / model).mkdir()
+        model = str(tmp_path / model)
+    for main, argv in ((selfharmony.main, TINY + ["--out-dir", str(tmp_path / "run")]),
+                       (ev.main, ["--data", "arith", "--out-dir", str(tmp_path / "eval")])):
+        with pytest.raises(SystemExit, match=says):
+            main(argv + ["--model", model])
+
+
 def test_a_cut_off_rollout_names_no_bare_number():
     # arith reads the last number of a finished completion; a cut-off one ("To add 4 and 1, we")
     # would otherwise vote for the question's own operand in both views
@@ -238,6 +251,7 @@ def test_a_cut_off_rollout_names_no_bare_number():
     ("--limit", "0", ">= 1"), ("--temperature", "0", "number > 0"), ("--temperature", "-1", "number > 0"),
     ("--lr", "-1e-6", "number > 0"), ("--lr", "nan", "number > 0"), ("--lr", "inf", "number > 0"),
     ("--warmup", "1.5", "<= 1"), ("--kv-cache-gb", "0", "> 0"), ("--n-rollouts", "x", "must be an integer"),
+    ("--dtype", "float64", "invalid choice"),
 ])
 def test_bad_numbers_are_one_line_from_the_parser(capsys, flag, value, says):
     with pytest.raises(SystemExit) as e:
@@ -311,3 +325,37 @@ def test_a_run_without_out_dir_gets_its_own_folder(tmp_path, monkeypatch, capsys
     for flag in ("--resume", "--plot"):
         with pytest.raises(SystemExit, match="need the run's --out-dir"):
             selfharmony.main(TINY + [flag])
+
+
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_stands(tmp_path, monkeypatch):
+    argv = TINY + ["--steps", "3", "--no-eval", "--save-every", "1", "--out-dir", str(tmp_path)]
+    real_save, saves = torch.save, []
+
+    def full_on_the_second_save(obj, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:  # what torch raises when the disk fills mid-write
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing "
+                               "file data/0: file write failed")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_on_the_second_save)
+    with pytest.raises(SystemExit, match=r"could not write the checkpoint of step 2 .* GiB free there\. The last "
+                                         r"checkpoint stands"):
+        selfharmony.main(argv)
+    assert torch.load(tmp_path / "ckpt" / "trainer.pt", weights_only=False)["step"] == 1
+    assert not (tmp_path / "ckpt.tmp").exists()
+    monkeypatch.setattr(torch, "save", real_save)
+    real_json, rows = selfharmony.strict_json, []
+
+    def full_on_the_next_log_line(row):
+        rows.append(row)
+        if len(rows) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_json(row)
+
+    monkeypatch.setattr(selfharmony, "strict_json", full_on_the_next_log_line)
+    with pytest.raises(SystemExit, match="disk full in step 2 .*then --resume"):
+        selfharmony.main(argv + ["--resume"])
+    monkeypatch.setattr(selfharmony, "strict_json", real_json)
+    selfharmony.main(argv + ["--resume"])
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
