@@ -35,6 +35,8 @@ Cases on a text model (the default on the CPU: SmolLM2-135M-Instruct, float32):
     python bench.py --device cuda --json bench.json  # all four columns on every case
     python bench.py --device cuda --quick            # under 4 GPU minutes: ours fast on every case, the
                                                      # slow columns on one case each (columns_to_run)
+    python bench.py --update [--device cuda]         # the update instead: grpo.step on paper-shaped rows,
+                                                     # tokens/s, model FLOPs utilisation, peak memory
 """
 
 import argparse
@@ -238,6 +240,110 @@ def measure(column, model, case, pad_id, seed, w_bytes, kv_bytes, bandwidth, dev
                 warm_up_s=warm)
 
 
+# -----------------------------------------------------------------------------
+# --update: grpo.step on paper-shaped rows
+
+
+def matmul_rate(device, dtype):
+    """FLOP/s of the device's square matmuls in `dtype`, measured: the best of 3 rounds (8192^3 on
+    CUDA, 1024^3 on the CPU). The denominator of the model FLOPs utilisation."""
+    n, reps = (8192, 10) if device == "cuda" else (1024, 3)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    seconds = min(timed(lambda: [a @ b for _ in range(reps)], device)[0] for _ in range(3))
+    return 2 * n**3 * reps / seconds
+
+
+def update_flops(config, prompt_lengths, completion_lengths, kl=True):
+    """Model FLOPs of one grpo.step: the policy's forward and backward (3 forwards' worth) and the
+    reference's forward (1 more when kl), recomputation not counted. A forward costs, a token,
+    2 x the decoder's matmul weights, 4 x heads x head_dim x its context for attention (scores
+    and the weighted sum; causal: its position), and 2 x hidden x vocabulary for the logits of a
+    completion token (only those are scored)."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    weights = layers * (h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size)  # q k v o, gate up down
+    forward = 0
+    for P, C in zip(prompt_lengths, completion_lengths):
+        T = P + C
+        forward += 2 * weights * T + layers * 4 * q * (T * (T - 1) // 2) + 2 * h * config.vocab_size * C
+    return (3 + kl) * forward
+
+
+def paper_rows(rows, prompt_len, mean_completion, max_completion, vocab, seed):
+    """A grpo.Rollouts of `rows` random rows: prompts of prompt_len +- 40%, completions drawn
+    uniformly around mean_completion and cut at max_completion, half of them view 1."""
+    from grpo import Rollouts
+    g = torch.Generator().manual_seed(seed)
+    P = torch.randint(int(0.6 * prompt_len), int(1.4 * prompt_len) + 1, (rows,), generator=g)
+    C = torch.randint(mean_completion // 4, 2 * mean_completion - mean_completion // 4, (rows,), generator=g)
+    C = C.clamp(1, max_completion)
+    width = int(P.max() + C.max())
+    attention = torch.zeros(rows, width, dtype=torch.long)
+    completion = torch.zeros_like(attention)
+    for i, (p, c) in enumerate(zip(P.tolist(), C.tolist())):
+        attention[i, int(P.max()) - p : int(P.max()) + c] = 1
+        completion[i, int(P.max()) : int(P.max()) + c] = 1
+    ids = torch.randint(0, vocab, (rows, width), generator=g)
+    return Rollouts(ids, attention, completion, torch.randn(rows, generator=g),
+                    views=(torch.arange(rows) >= rows // 2).long()), P.tolist(), C.tolist()
+
+
+def bench_update(args):
+    """Time grpo.step on paper-shaped rows with and without gradient checkpointing; print and return
+    tokens/s, model FLOPs utilisation and peak memory of each."""
+    import resource
+
+    import grpo
+
+    gpu = args.device == "cuda"
+    name = args.model or ("random:qwen3-1.7b" if gpu else "smollm2")
+    compute = torch.bfloat16 if gpu else torch.float32
+    device_name = torch.cuda.get_device_name() if gpu else platform.processor() or "cpu"
+    print(f"{device_name}, torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
+    model, _ = load_model(name, args.device, torch.float32)  # float32 master weights, as the loop keeps them
+    ref = grpo.make_reference(model, 0.005)
+    # the paper's shape on a GPU (128 rows, 250-token prompts, ~700-token completions up to 1024);
+    # a small one on the CPU, so that the whole benchmark takes under a minute
+    rows, prompt_len, mean_c, max_c = (args.rows or 128, 250, 700, 1024) if gpu else (args.rows or 4, 40, 80, 128)
+    batch, P, C = paper_rows(rows, prompt_len, mean_c, max_c, model.config.vocab_size, args.seed)
+    batch = grpo.Rollouts(**{k: None if v is None else v.to(args.device) for k, v in vars(batch).items()})
+    tokens = int(batch.attention_mask.sum())
+    flops = update_flops(model.config, P, C)
+    rate = matmul_rate(args.device, compute)
+    budget = args.micro_batch_tokens or (16384 if gpu else 512)
+    print(f"model {name}, {rows} rows, {tokens} tokens ({sum(C)} completion), {flops / tokens / 1e9:.1f} GFLOP a "
+          f"token; {compute} matmuls: {rate / 1e12:.3g} TFLOP/s; micro-batches of {budget} tokens", flush=True)
+    autocast = torch.autocast(args.device, dtype=compute, enabled=compute != torch.float32)
+    results = []
+    for checkpointing in (True, False):
+        grpo.set_checkpointing(model, checkpointing)
+        optimizer = grpo.make_optimizer(model, lr=1e-7)
+        run = lambda b: grpo.step(model.train(), optimizer, b, None, ref, micro_batch_tokens=budget)
+        with autocast:
+            estimate = grpo.activation_bytes(model, budget)
+            if gpu:  # kernels and the allocator's pool, on two rows
+                run(grpo.Rollouts(**{k: None if v is None else v[:2] for k, v in vars(batch).items()}))
+                torch.cuda.reset_peak_memory_stats()
+            seconds, stats = timed(lambda: run(batch), args.device)
+        # the CPU has no allocator statistics: the process's peak resident memory (KiB on Linux)
+        peak = torch.cuda.max_memory_allocated() if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        r = dict(checkpointing=checkpointing, rows=rows, tokens=tokens, seconds=seconds, tok_s=tokens / seconds,
+                 tflops=flops / seconds / 1e12, mfu=flops / seconds / rate, pad_share=stats["pad_share"],
+                 peak_gib=peak / 2**30, activations_estimate_gib=estimate / 2**30)
+        results.append(r)
+        print(f"checkpointing {'on ' if checkpointing else 'off'}: {seconds:6.2f} s  {r['tok_s']:9.0f} tok/s  "
+              f"{r['tflops']:7.3g} TFLOP/s = {r['mfu']:.0%} of the matmul rate  padding {r['pad_share']:.1%}  "
+              f"peak {'' if gpu else 'RSS '}{r['peak_gib']:.1f} GiB (activations estimated {estimate / 2**30:.1f})",
+              flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=args.device, device_name=device_name, torch=torch.__version__,
+                           transformers=transformers.__version__, model=name, matmul_flops=rate,
+                           update_flops=flops, micro_batch_tokens=budget, results=results), f, indent=1)
+    return results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -257,7 +363,15 @@ def main(argv=None):
     parser.add_argument("--json", default=None,
                         help="write every measured figure to this file, rewritten after each case")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and of sampling")
+    # the update instead of the samplers
+    parser.add_argument("--update", action="store_true",
+                        help="time grpo.step on paper-shaped rows, with and without gradient checkpointing")
+    parser.add_argument("--rows", type=int, default=None, help="--update: rows (default 128 on cuda, 4 on cpu)")
+    parser.add_argument("--micro-batch-tokens", type=int, default=None,
+                        help="--update: token budget of a micro-batch (default 16384 on cuda, 512 on cpu)")
     args = parser.parse_args(argv)
+    if args.update:
+        return bench_update(args)
 
     gpu = args.device == "cuda"
     name = args.model or ("random:qwen3-1.7b" if gpu else "smollm2")

@@ -25,9 +25,15 @@ rho = 3 and adds 1e-8 to each token-mean's denominator (a later verl also clamps
 [-20, 20]; the release's does not); we keep the plain formulas: at rho = 1 and a small KL none
 of those act, and the 1e-8 is below float32's resolution of any real token count.
 
+At scale: micro-batches by a token budget (rows sorted by length, each moved to column 0, so a
+micro-batch pads only its spread of lengths), activation_bytes measures what the update keeps
+for backward, and shard() spreads weights, gradients and AdamW's state over torchrun's ranks
+with FSDP2 (the loop's --fsdp).
+
     python grpo.py     # a tiny random model learns to start its answer with one token
 """
 import copy
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -154,16 +160,46 @@ class Rollouts:
     ref_logp: torch.Tensor | None = None  # (B, T) None: computed by step() from ref_model
     views: torch.Tensor | None = None  # (B,) 0 or 1: the view of each row; None: all one view
 
-    def micro_batches(self, size):
-        """Row slices of `size`, without the columns that are padding in every row (exact:
-        such a column is attended by no one and leaves the cumsum positions unchanged)."""
-        for i in range(0, len(self.advantages), size):
-            rows = slice(i, i + size)
-            keep = self.attention_mask[rows].bool().any(0)  # (T,)
+    def micro_batches(self, size=None, tokens=None):
+        """Micro-batches of the rows, each exact: its loss terms are those rows' terms in the whole batch.
 
-            def cut(x):
-                return None if x is None else x[rows][:, keep] if x.dim() == 2 else x[rows]
-            yield Rollouts(*(cut(getattr(self, f.name)) for f in fields(self)))
+        tokens None: row slices of `size` in order, less the columns that are padding in every row
+        (such a column is attended by no one and leaves the cumsum positions unchanged).
+        tokens: rows sorted by length, longest first, each moved to start at column 0 (positions count
+        real tokens only, so its scores do not change), grouped so that rows x the longest <= tokens
+        and at most `size` rows (a row longer than `tokens` goes alone): a micro-batch then pads only
+        the spread of lengths within it, and the first one holds the longest rows, so a budget that
+        is too big fails at once.
+        """
+        if tokens is None:
+            for i in range(0, len(self.advantages), size):
+                rows = torch.arange(i, min(i + size, len(self.advantages)))
+                keep = self.attention_mask[rows].bool().any(0)  # (T,)
+                yield self._take(rows, lambda x: x[rows][:, keep])
+            return
+        length = self.attention_mask.sum(-1)  # (B,) real tokens a row: prompt + completion
+        order = length.argsort(descending=True, stable=True).tolist()
+        size = size or len(order)
+        while order:
+            width = int(length[order[0]])
+            n = max(1, min(size, tokens // width, len(order)))
+            rows, order = torch.tensor(order[:n]), order[n:]
+            yield self._take(rows, self._left_aligner(rows, width))
+
+    def _left_aligner(self, rows, width):
+        """x -> x[rows] with each row's real tokens (contiguous: prompt left-padded, completion
+        right-padded) moved to columns 0 .. its length - 1, zeros after, `width` columns."""
+        mask = self.attention_mask[rows]  # (b, T)
+        first = mask.argmax(-1)  # (b,) the first real column (argmax returns the first maximum)
+        cols = torch.arange(width, device=mask.device)
+        src = (first[:, None] + cols).clamp(max=mask.shape[1] - 1)  # (b, width)
+        real = cols < mask.sum(-1, keepdim=True)  # (b, width)
+        return lambda x: torch.where(real, x[rows].gather(1, src), 0)
+
+    def _take(self, rows, cut_2d):
+        """A Rollouts of `rows`, the (B, T) fields cut by cut_2d."""
+        cut = lambda x: None if x is None else cut_2d(x) if x.dim() == 2 else x[rows]
+        return Rollouts(*(cut(getattr(self, f.name)) for f in fields(self)))
 
 
 def view_token_counts(completion_mask, views):
@@ -201,58 +237,79 @@ def lr_schedule(step, total_steps, warmup_frac=0.1):
 
 
 def accumulate_gradients(model, rollouts, micro_batch_size, ref_model=None, clip_eps=0.2,
-                         kl_coef=0.005, temperature=1.0, agg="view-token-mean"):
+                         kl_coef=0.005, temperature=1.0, agg="view-token-mean", micro_batch_tokens=None):
     """Backward of the step's loss, micro-batch by micro-batch, into model's .grad.
 
     Each micro-batch divides by the whole step's denominator (fixed before the first
-    backward), so the sum of their gradients is the gradient of the full batch, however split.
+    backward), so the sum of their gradients is the gradient of the full batch, however split:
+    micro_batch_size rows each in order, or with micro_batch_tokens by length (Rollouts.micro_batches).
+    model and ref_model may be Scorers sharded by shard() (FSDP2).
     """
     n_tokens = rollouts.completion_mask.sum().float()
     n_seqs = torch.tensor(float(len(rollouts.advantages)), device=n_tokens.device)
     n_view_tokens = view_token_counts(rollouts.completion_mask, rollouts.views)  # (2,)
     if dist.is_initialized():
         # the global counts, so that each rank's loss is its share of the global mean and
-        # summing gradients over ranks (step() does) gives the global token-mean gradient
+        # summing gradients over ranks (step() or FSDP does) gives the global token-mean gradient
         for count in (n_tokens, n_seqs, n_view_tokens):
             dist.all_reduce(count)
+    micro = list(rollouts.micro_batches(micro_batch_size, micro_batch_tokens))
+    weight = [1.0] * len(micro)
+    if isinstance(model, Scorer) and dist.is_initialized():
+        # FSDP gathers each layer's weights in every forward and backward, as a collective: every rank
+        # runs as many micro-batches as the busiest one, the extra ones (a repeat) with weight 0.
+        # And FSDP averages gradients over ranks where we sum them: the world size undoes its division
+        most = torch.tensor(len(micro), device=n_tokens.device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        extra = int(most) - len(micro)
+        micro, weight = micro + micro[-1:] * extra, [float(dist.get_world_size())] * len(micro) + [0.0] * extra
+    score = model if isinstance(model, Scorer) else functools.partial(token_logprobs, model)
+    score_ref = ref_model if isinstance(ref_model, Scorer) else functools.partial(token_logprobs, ref_model)
     totals = {"loss": 0.0, "clip_frac": 0.0, "ratio": 0.0, "kl": 0.0}
-    n_local = rollouts.completion_mask.sum().item()
-    for mb in rollouts.micro_batches(micro_batch_size):
+    n_local, slots = rollouts.completion_mask.sum().item(), 0
+    for mb, w in zip(micro, weight):
         args = (mb.input_ids, mb.attention_mask, mb.completion_mask, temperature)
-        logp = token_logprobs(model, *args)  # (b, t)
+        logp = score(*args)  # (b, t)
         old_logp = logp.detach() if mb.old_logp is None else mb.old_logp
         ref_logp = mb.ref_logp
         if kl_coef != 0 and ref_logp is None:
             assert ref_model is not None, "kl_coef > 0 needs ref_model or Rollouts.ref_logp"
             with torch.no_grad():
-                ref_logp = token_logprobs(ref_model, *args)  # (b, t)
+                ref_logp = score_ref(*args)  # (b, t)
         loss, stats = grpo_loss(logp, old_logp, ref_logp, mb.advantages, mb.completion_mask,
                                 clip_eps, kl_coef, agg, n_tokens, n_seqs, mb.views, n_view_tokens)
-        loss.backward()
-        totals["loss"] += loss.item()
-        weight = mb.completion_mask.sum().item() / max(1, n_local)
+        (loss * w).backward()
+        real = w != 0  # weight 0: a repeat that only keeps FSDP's collectives in step
+        totals["loss"] += loss.item() * real
+        share = real * mb.completion_mask.sum().item() / max(1, n_local)
         for k in ("clip_frac", "ratio", "kl"):
-            totals[k] += stats[k] * weight
+            totals[k] += stats[k] * share
+        slots += mb.attention_mask.numel() * real
+    # the share of the forward's row x column slots that were padding
+    totals["pad_share"] = 1 - rollouts.attention_mask.sum().item() / max(1, slots)
     return totals
 
 
 def step(model, optimizer, rollouts, micro_batch_size, ref_model=None, scheduler=None,
          max_grad_norm=1.0, **loss_kwargs):
-    """One optimiser update on a batch of rollouts; returns loss, grad norm, clip frac, KL, lr, skipped.
+    """One optimiser update on a batch of rollouts; returns loss, grad norm, clip frac, KL, lr, skipped,
+    pad share.
 
     Under torchrun pass the bare model, not a DDP wrapper: the scoring forward goes through
-    model.get_decoder(), and this function sums the gradients over ranks itself. A NaN or inf
-    gradient norm (summed over ranks, so every rank decides alike) skips the update: weights and
-    AdamW's moments stay as they were, and stats["skipped"] says so.
+    model.get_decoder(), and this function sums the gradients over ranks itself (under FSDP, pass
+    the Scorer of shard(): its backward sums them). A NaN or inf gradient norm (summed over ranks,
+    so every rank decides alike) skips the update: weights and AdamW's moments stay as they were,
+    and stats["skipped"] says so.
     """
     optimizer.zero_grad(set_to_none=True)
     stats = accumulate_gradients(model, rollouts, micro_batch_size, ref_model, **loss_kwargs)
-    if dist.is_initialized():
+    if dist.is_initialized() and not isinstance(model, Scorer):
         # a SUM, not an average: each rank's loss already carries the global denominator
         for p in model.parameters():
             if p.grad is not None:
                 dist.all_reduce(p.grad)
-    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm).item()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    stats["grad_norm"] = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # DTensor under FSDP
     stats["lr"] = optimizer.param_groups[0]["lr"]
     stats["skipped"] = not math.isfinite(stats["grad_norm"])
     if not stats["skipped"]:  # one NaN update would make every weight and both AdamW moments NaN
@@ -261,6 +318,89 @@ def step(model, optimizer, rollouts, micro_batch_size, ref_model=None, scheduler
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return stats
+
+
+def set_checkpointing(model, on):
+    """Gradient (activation) checkpointing of a Hugging Face model on or off: transformers >= 5.2x
+    names it activation_checkpointing_*, older 5.x gradient_checkpointing_*."""
+    name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    getattr(model, f"{name}_checkpointing_{'enable' if on else 'disable'}")()
+
+
+def is_checkpointing(model):
+    name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    return getattr(model, f"is_{name}_checkpointing")
+
+
+def activation_bytes(model, tokens, chunk=1024):
+    """Bytes the update holds for backward at a micro-batch of `tokens` row x column slots, measured:
+    the tensors autograd saves in the scoring forward of one row (128 and 256 tokens: a constant plus
+    a cost a token, weights excluded, autocast's bfloat16 weight copies included), plus, under
+    gradient checkpointing, one layer's activations rebuilt in backward, plus a logits chunk
+    (float32, chunk x vocabulary, three of them alive while its log-softmax is differentiated)."""
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved(n):
+        seen = set()
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in own | seen:
+                seen.add(t.untyped_storage().data_ptr())
+                sizes.append(t.untyped_storage().nbytes())
+            return t
+        sizes, ids = [], torch.zeros(1, n, dtype=torch.long, device=model.device)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.get_decoder()(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        return sum(sizes)
+
+    def per_token_and_fixed():
+        a, b = saved(128), saved(256)
+        return (b - a) / 128, a - (b - a)
+
+    was_training, checkpointing = model.training, is_checkpointing(model)
+    model.train()
+    try:
+        per_token, fixed = per_token_and_fixed()
+        rebuilt = 0.0
+        if checkpointing:  # backward rebuilds one layer at a time, at full size
+            set_checkpointing(model, False)
+            full, _ = per_token_and_fixed()
+            rebuilt = (full - per_token) / model.config.num_hidden_layers
+            set_checkpointing(model, True)
+    finally:
+        model.train(was_training)
+    logits = 3 * min(chunk, tokens) * model.config.vocab_size * 4
+    return int(fixed + (per_token + rebuilt) * tokens + logits)
+
+
+# -----------------------------------------------------------------------------
+# FSDP2: models whose float32 weights, gradients and AdamW state do not fit on one GPU
+
+
+class Scorer(torch.nn.Module):
+    """token_logprobs(model, ...) as a module, the root that FSDP2 wraps: fully_shard gathers a
+    unit's weights in hooks on its own forward, and token_logprobs calls the decoder and lm_head
+    directly, past the model's forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, completion_mask, temperature=1.0):
+        return token_logprobs(self.model, input_ids, attention_mask, completion_mask, temperature)
+
+
+def shard(model):
+    """Shard model over the ranks with FSDP2: each decoder layer one unit, the rest (embeddings,
+    final norm, lm_head, tied or not) the root's, a Scorer of the model, which is returned. The
+    model's weights become DTensors holding this rank's shard; an optimiser built on them keeps
+    AdamW's state sharded too. FSDP averages the gradients over ranks, so accumulate_gradients
+    multiplies each rank's loss by the world size: its share of the global mean is then summed.
+    (set_gradient_divide_factor(1) would say the same, but gloo lacks the reduction it uses.)"""
+    from torch.distributed.fsdp import fully_shard
+    for layer in model.get_decoder().layers:
+        fully_shard(layer)
+    return fully_shard(Scorer(model))
 
 
 if __name__ == "__main__":

@@ -208,11 +208,12 @@ def stop_ids(model, tokenizer):
 # The sampling copy and the KV budget
 
 
-def sampling_copy(model, dtype):
+def sampling_copy(model, dtype, separate=False):
     """The weights rollouts are drawn with: the policy itself when it already has `dtype` (CPU float32
-    runs keep one copy), else a copy in `dtype` (bfloat16 on a GPU: the float32 master weights stay
-    with AdamW, and decoding never recasts them under autocast)."""
-    if next(model.parameters()).dtype == dtype:
+    runs keep one copy) and not `separate`, else a copy in `dtype` (bfloat16 on a GPU: the float32
+    master weights stay with AdamW, and decoding never recasts them under autocast; under FSDP
+    every rank's whole copy, made before the policy is sharded)."""
+    if next(model.parameters()).dtype == dtype and not separate:
         return model
     return copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
 
@@ -220,9 +221,16 @@ def sampling_copy(model, dtype):
 @torch.no_grad()
 def sync_sampling_copy(sampler, model):
     """Copy the policy's weights into the sampling copy in place (after every optimiser step): the
-    tensors keep their addresses, so the fast engine's CUDA graphs stay valid."""
-    if sampler is not model:
-        torch._foreach_copy_(list(sampler.parameters()), list(model.parameters()))
+    tensors keep their addresses, so the fast engine's CUDA graphs stay valid. A policy sharded by
+    FSDP2 is gathered one weight at a time (a collective: every rank calls this)."""
+    if sampler is model:
+        return
+    params = list(model.parameters())
+    if hasattr(params[0], "full_tensor"):  # DTensor shards
+        for s, p in zip(sampler.parameters(), params):
+            s.copy_(p.full_tensor())
+    else:
+        torch._foreach_copy_(list(sampler.parameters()), params)
 
 
 def kv_bytes_per_token(config, dtype):

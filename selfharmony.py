@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 from tqdm import tqdm
 
 import grpo
@@ -48,8 +50,8 @@ import hms
 import rewards
 from eval import (answer_of, evaluate, format_question, gold_answer, load_benchmark, number, render_prompt,
                   solver_messages)
-from sample import (default_kv_budget_gb, finished, generate, load_model, rows_for_budget, sampling_copy,
-                    stop_ids, sync_sampling_copy)
+from sample import (default_kv_budget_gb, finished, generate, kv_bytes_per_token, load_model, rows_for_budget,
+                    sampling_copy, stop_ids, sync_sampling_copy)
 
 # -----------------------------------------------------------------------------
 # The reframer's prompts (this project's wording; METHOD.md gives the required layout)
@@ -118,8 +120,15 @@ def make_parser():
     p.add_argument("--loss-agg", default="view-token-mean", choices=("view-token-mean", "token-mean", "seq-mean"),
                    help="each view's token-mean, added (the release), one token-mean over both views, or seq-mean")
     p.add_argument("--adv-scale", default="std", choices=("std", "none"), help="divide advantages by the group std or not")
-    p.add_argument("--micro-batch", type=number(int, 1), default=8, help="rows a forward/backward pass")
+    p.add_argument("--micro-batch", type=number(int, 1), default=8,
+                   help="rows a forward/backward pass, in order, when --micro-batch-tokens is 0")
+    p.add_argument("--micro-batch-tokens", type=number(int, 0), default=None,
+                   help="rows sorted by length, as many a pass as fill this many row x column slots (0: off; "
+                        "default on cuda 16384, on cpu 0)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (saves memory)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the weights, gradients, AdamW state and reference over the ranks "
+                        "(FSDP2); each rank samples with a whole copy in the compute dtype")
     p.add_argument("--steps", type=number(int, 1), default=None, help="optimiser steps (default: --epochs over the questions)")
     p.add_argument("--epochs", type=number(int, 1), default=100, help="passes over the questions when --steps is not given")
     # evaluation, logging, checkpoints
@@ -152,7 +161,8 @@ def parse_args(argv=None):
 RUN_FLAGS = ("model", "data", "limit", "arith_n", "arith_seed", "arith_level", "selector", "reframe", "reward",
              "w_format", "w_div", "n_rollouts", "batch_size", "max_prompt_tokens", "max_new_tokens",
              "thinking_block", "temperature", "lr", "weight_decay", "warmup", "kl_coef", "clip_eps",
-             "max_grad_norm", "loss_agg", "adv_scale", "steps", "epochs", "seed")
+             "max_grad_norm", "loss_agg", "adv_scale", "steps", "epochs", "seed",
+             "fsdp")  # not the run's maths, but the layout of AdamW's state in its checkpoint
 
 
 def resume_args(args, argv, saved):
@@ -261,11 +271,12 @@ def make_batch(pairs, advantages, pad_id, views=None):
     return grpo.Rollouts(ids, attention, completion, torch.as_tensor(advantages, dtype=torch.float32), views=views)
 
 
-def train_step(model, sampler, tokenizer, optimizer, scheduler, ref_model, rows, args, generator, stops, pad_id,
-               autocast):
+def train_step(model, policy, sampler, tokenizer, optimizer, scheduler, ref_model, rows, args, generator, stops,
+               pad_id, autocast):
     """Algorithm 1 on one batch of questions: both views drawn from the sampling copy, every selector's
     labels, rewards, one GRPO update on the rollouts of both views (by default each view's token-mean,
-    the two added), and the sampling copy refreshed with the updated weights."""
+    the two added), and the sampling copy refreshed with the updated weights. policy: the model, or
+    under FSDP its sharded grpo.Scorer."""
     t0 = time.perf_counter()
     sampler.eval()  # on the CPU the sampler is the policy, which the update left in training mode
     prompts0, comps0, prompts1, comps1, rewrites = rollout(sampler, tokenizer, rows, args, generator, stops)
@@ -282,11 +293,12 @@ def train_step(model, sampler, tokenizer, optimizer, scheduler, ref_model, rows,
     batch = make_batch(pairs, advantages, pad_id, views=[0] * len(comps0) + [1] * len(comps1))
     batch = grpo.Rollouts(**{k: None if v is None else v.to(model.device) for k, v in vars(batch).items()})
     t2 = time.perf_counter()
-    model.train()
+    policy.train()
     with autocast:
-        stats = grpo.step(model, optimizer, batch, args.micro_batch, ref_model, scheduler,
-                          max_grad_norm=args.max_grad_norm, clip_eps=args.clip_eps, kl_coef=args.kl_coef,
-                          temperature=args.temperature, agg=args.loss_agg)
+        stats = grpo.step(policy, optimizer, batch, None if args.micro_batch_tokens else args.micro_batch,
+                          ref_model, scheduler, max_grad_norm=args.max_grad_norm, clip_eps=args.clip_eps,
+                          kl_coef=args.kl_coef, temperature=args.temperature, agg=args.loss_agg,
+                          micro_batch_tokens=args.micro_batch_tokens or None)
     sync_sampling_copy(sampler, model)
     stats.update(t_sample=t1 - t0, t_reward=t2 - t1, t_update=time.perf_counter() - t2)
     return dict(records=records, r0=r0, r1=r1, comps0=comps0, comps1=comps1, rewrites=rewrites, stats=stats,
@@ -362,16 +374,25 @@ def truncate_log(path, step):
     os.replace(tmp, path)
 
 
-def save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step, args):
-    """The model as a Hugging Face folder plus trainer.pt, written beside and then renamed in:
-    a run killed while saving keeps the previous checkpoint."""
+def save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step, args, master=True):
+    """The model as a Hugging Face folder plus trainer.pt, written by rank 0 beside and then renamed
+    in: a run killed while saving keeps the previous checkpoint. Under --fsdp every rank calls it:
+    the weights and AdamW's state are gathered whole onto rank 0's CPU (AdamW's keyed by weight name)."""
+    weights, optim = None, optimizer.state_dict()  # weights None: save_pretrained reads the model's own
+    if args.fsdp:
+        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights, optim = get_model_state_dict(model, options=whole), get_optimizer_state_dict(model, optimizer, options=whole)
+        own = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+        weights = {k: v for k, v in weights.items() if k in own}  # a tied lm_head comes back as a second copy
+    if not master:
+        return
     tmp, final, old = out_dir / "ckpt.tmp", out_dir / "ckpt", out_dir / "ckpt.old"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "args": vars(args)}, tmp / "trainer.pt")
+        torch.save({"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(), "args": vars(args)},
+                   tmp / "trainer.pt")
     except (OSError, RuntimeError) as e:  # a full disk: torch says "[enforce fail at inline_container.cc:672]"
         shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(out_dir).free / 2**30
@@ -381,6 +402,39 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step, args)
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def memory_plan(model, sampler, ref_model, args, device, world, autocast):
+    """The step's memory, estimated before the first one: (a line to print, whether it fits). What stays
+    resident, plus the larger of the rollouts' KV cache and the update's activations (the sampler
+    frees its cache before the update). Weights, gradients and AdamW's moments are float32 (under
+    --fsdp this rank's share); activations are measured (grpo.activation_bytes)."""
+    shards = world if args.fsdp else 1
+    P = sum(p.nbytes for p in model.parameters())
+    kv = (args.kv_cache_gb * 2**30 if args.kv_cache_gb else  # no budget: one view's rollouts at a time
+          kv_bytes_per_token(sampler.config, next(sampler.parameters()).dtype) * args.batch_size // world
+          * args.n_rollouts * (args.max_prompt_tokens + args.max_new_tokens))
+    tokens = args.micro_batch_tokens or args.micro_batch * (args.max_prompt_tokens + args.max_new_tokens)
+    with autocast:
+        activations = grpo.activation_bytes(model, tokens)
+    parts = {"weights": P / shards, "gradients": P / shards, "AdamW": 2 * P / shards,
+             "sampling copy": 0 if sampler is model else sum(p.nbytes for p in sampler.parameters()),
+             "reference": 0 if ref_model is None else P / shards}
+    total = sum(parts.values()) + max(kv, activations)
+    if device.startswith("cuda"):
+        have, where = torch.cuda.get_device_properties(device).total_memory, device
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "the CPU (RAM)"
+    gib = lambda x: f"{x / 2**30:.1f}"
+    line = ("memory (GiB, estimated): " + " + ".join(f"{k} {gib(v)}" for k, v in parts.items() if v) +
+            f", then the larger of the KV cache {gib(kv)} and the update's activations at {tokens} tokens a "
+            f"micro-batch {gib(activations)}: {gib(total)} of {gib(have)} on {where}")
+    if total <= have:
+        return line, True
+    switches = ["--grad-checkpointing"] if not args.grad_checkpointing else []
+    switches += ["a lower --micro-batch-tokens" if args.micro_batch_tokens else "a lower --micro-batch",
+                 "a lower --kv-cache-gb"] + (["--fsdp under torchrun"] if not args.fsdp else [])
+    return line + ". It will not fit: try " + ", ".join(switches), False
 
 
 def plot(log_path, png_path):
@@ -422,6 +476,8 @@ def main(argv=None):
     args = parse_args(argv)
     # torchrun: each rank takes its own questions; grpo.step sums gradients over ranks
     ddp = "RANK" in os.environ
+    if args.fsdp and not ddp:
+        raise SystemExit("--fsdp shards the model over torchrun's ranks: run it under torchrun")
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
@@ -454,8 +510,11 @@ def main(argv=None):
         args.resume = False
     state = None
     if args.resume:  # read once: the run's flags now, the optimiser and schedule once they exist
-        state = torch.load(ckpt / "trainer.pt", map_location=device, weights_only=False)
+        # mapped, not read: under FSDP every rank opens the whole AdamW state and keeps only its shard
+        state = torch.load(ckpt / "trainer.pt", map_location="cpu", mmap=True, weights_only=False)
         args = resume_args(args, argv, state["args"])
+        if args.fsdp and not ddp:
+            raise SystemExit("this run was made with --fsdp: resume it under torchrun")
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
 
@@ -472,20 +531,41 @@ def main(argv=None):
     total_steps = args.steps or args.epochs * steps_per_epoch
 
     # weights stay float32 (AdamW's lr-3e-6 updates vanish in bfloat16); bfloat16 is autocast compute
+    autocast = torch.autocast(device.split(":")[0], dtype=compute_dtype, enabled=compute_dtype != torch.float32)
     model, tokenizer = load_model(str(ckpt) if args.resume else args.model, device, torch.float32)
     ref_model = None
     if args.kl_coef:  # the reference is the starting model (the run's --model), also after a resume
         ref_model = load_model(args.model, device, torch.float32)[0] if args.resume else grpo.make_reference(model, args.kl_coef)
         ref_model.requires_grad_(False)
     if args.grad_checkpointing:
-        model.gradient_checkpointing_enable()
+        grpo.set_checkpointing(model, True)
+    # rollouts are drawn from a copy in the compute dtype (the policy itself when that is float32 and
+    # whole), refreshed after every update; its KV cache is freed after each call, so the update reuses
+    # that memory
+    sampler = sampling_copy(model, compute_dtype, separate=args.fsdp)
+    args.engine = args.engine or ("fast" if device.startswith("cuda") else "eager")
+    if args.micro_batch_tokens is None:
+        args.micro_batch_tokens = 16384 if device.startswith("cuda") else 0
+    if args.kv_cache_gb is None:  # AdamW's two moments and the gradients are not allocated yet
+        adam_and_grads = 3 * sum(p.nbytes for p in model.parameters()) / (world if args.fsdp else 1) / 2**30
+        args.kv_cache_gb = default_kv_budget_gb(device, reserve_gb=adam_and_grads)
+    if master:
+        print(memory_plan(model, sampler, ref_model, args, device, world, autocast)[0])
+    policy = model
+    if args.fsdp:  # this rank keeps a shard of the weights (and so of AdamW's state); `model` holds them
+        policy = grpo.shard(model)
+        ref_model = ref_model and grpo.shard(ref_model)
     optimizer = grpo.make_optimizer(model, args.lr, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: grpo.lr_schedule(s, total_steps, args.warmup))
     start = 0
     if args.resume:
-        optimizer.load_state_dict(state["optimizer"])
+        if args.fsdp:  # the whole state, keyed by weight name; each rank takes its shard
+            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
+        del state  # AdamW's state now lives in the optimizer
         if master:
             for path in (out_dir / "log.jsonl", out_dir / "samples.jsonl"):
                 truncate_log(path, start)
@@ -497,16 +577,8 @@ def main(argv=None):
             if master:
                 print(f"{out_dir} holds a finished run ({total_steps} steps): nothing to do")
             return
-    # rollouts are drawn from a copy in the compute dtype (the policy itself when that is float32),
-    # refreshed after every update; its KV cache is freed after each call, so the update reuses that memory
-    sampler = sampling_copy(model, compute_dtype)
-    args.engine = args.engine or ("fast" if device.startswith("cuda") else "eager")
-    if args.kv_cache_gb is None:  # AdamW's two moments and the gradients are not allocated yet
-        adam_and_grads = 3 * sum(p.nbytes for p in model.parameters()) / 2**30
-        args.kv_cache_gb = default_kv_budget_gb(device, reserve_gb=adam_and_grads)
     stops = stop_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    autocast = torch.autocast(device.split(":")[0], dtype=compute_dtype, enabled=compute_dtype != torch.float32)
     log_path, texts_path = out_dir / "log.jsonl", out_dir / "samples.jsonl"
     if master:
         print(vars(args))
@@ -555,8 +627,8 @@ def main(argv=None):
             # each step draws from its own generator: a resumed run samples what an uninterrupted one would
             generator = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 1_009 + rank)
 
-            out = train_step(model, sampler, tokenizer, optimizer, scheduler, ref_model, rows, args, generator,
-                             stops, pad_id, autocast)
+            out = train_step(model, policy, sampler, tokenizer, optimizer, scheduler, ref_model, rows, args,
+                             generator, stops, pad_id, autocast)
             # every rank's numbers (not its texts) reach rank 0, which logs
             everything = gather({k: v for k, v in out.items() if not k.startswith("texts")}, world)
             if master:
@@ -566,7 +638,8 @@ def main(argv=None):
                     cat("rewrites") if out["rewrites"] is not None else None, stops)}
                 stats = [part["stats"] for part in everything]
                 row["loss"] = sum(st["loss"] for st in stats)  # each rank's share of the global mean
-                for k in ("kl", "clip_frac", "ratio", "grad_norm", "lr", "t_sample", "t_reward", "t_update"):
+                for k in ("kl", "clip_frac", "ratio", "grad_norm", "lr", "pad_share", "t_sample", "t_reward",
+                          "t_update"):
                     row[k] = float(np.mean([st[k] for st in stats]))
                 row["skipped"] = out["stats"]["skipped"]
                 log(row)
@@ -602,8 +675,8 @@ def main(argv=None):
                 dist.broadcast_object_list(due, src=0)
                 due = due[0]
             if stop_requested or done or due:
-                if master:
-                    save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step + 1, args)
+                if master or args.fsdp:
+                    save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step + 1, args, master)
                 last_save = time.monotonic()
                 if ddp:
                     dist.barrier()

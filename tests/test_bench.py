@@ -49,3 +49,25 @@ def test_quick_runs_each_slow_column_on_one_case():
     # HF times one of its two calls of 16 prompts x 16 samples; the engines the whole case
     assert len(bench.quick_share(ragged, "HF static+compile", True).prompts) == 16
     assert bench.quick_share(ragged, "ours fast", True) is ragged and bench.quick_share(ragged, "HF dynamic", False) is ragged
+
+
+def test_update_flops_by_hand():
+    from types import SimpleNamespace
+    config = SimpleNamespace(hidden_size=4, num_hidden_layers=1, num_attention_heads=2, head_dim=2,
+                             num_key_value_heads=1, intermediate_size=8, vocab_size=10)
+    # matmul weights: q k v 4 x (4 + 2 + 2) + o 4 x 4 + mlp 3 x 4 x 8 = 144. One row of 2 + 1 tokens:
+    # 2 x 144 x 3 + attention 4 x 4 x (0 + 1 + 2) + logits 2 x 4 x 10 x 1 = 992 a forward; x 4 with the reference
+    assert bench.update_flops(config, [2], [1]) == 4 * 992
+    assert bench.update_flops(config, [2], [1], kl=False) == 3 * 992
+
+
+def test_update_benchmark_on_the_tiny_model(tmp_path):
+    path = tmp_path / "update.json"
+    results = bench.main(["--update", "--model", "tiny", "--rows", "4", "--micro-batch-tokens", "128",
+                          "--json", str(path)])
+    assert [r["checkpointing"] for r in results] == [True, False]
+    for r in results:
+        assert r["rows"] == 4 and r["tok_s"] > 0 and 0 < r["mfu"] and 0 <= r["pad_share"] < 0.5
+    # checkpointing keeps fewer activations
+    assert results[0]["activations_estimate_gib"] < results[1]["activations_estimate_gib"]
+    assert json.loads(path.read_text())["results"] == results

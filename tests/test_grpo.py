@@ -258,10 +258,51 @@ def test_micro_batching_does_not_change_loss_or_gradients(agg):
     (s0, g0), rest = results[0], results[1:]
     assert s0["clip_frac"] > 0 and s0["kl"] > 0
     for s, g in rest:
-        for k in s0:
+        for k in ("loss", "clip_frac", "ratio", "kl"):
             assert math.isclose(s[k], s0[k], rel_tol=1e-5, abs_tol=1e-7), k
         for a, b in zip(g, g0):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_micro_batches_by_tokens_give_the_one_pass_gradient_in_float64():
+    model, ref_model = tiny_model(tie=True).double(), tiny_model(seed=5).double()
+    g = torch.Generator().manual_seed(3)
+    lens = [(int(p), int(c)) for p, c in zip(torch.randint(1, 9, (12,), generator=g),
+                                             torch.randint(1, 15, (12,), generator=g))]
+    prompts = [torch.randint(1, V, (p,), generator=g).tolist() for p, _ in lens]
+    completions = [torch.randint(1, V, (c,), generator=g).tolist() for _, c in lens]
+    batch = Rollouts(*pad_batch(prompts, completions), torch.randn(12, generator=g, dtype=torch.float64),
+                     views=torch.arange(12) % 2)
+    grads = []
+    for size, tokens in ((12, None), (None, 40), (3, 25), (None, 1)):  # one pass; by tokens; both caps; a row each
+        model.zero_grad(set_to_none=True)
+        stats = accumulate_gradients(model, batch, size, ref_model, kl_coef=0.1, micro_batch_tokens=tokens)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for got in grads[1:]:
+        for a, b in zip(got, grads[0]):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    assert stats["pad_share"] == 0  # a row a micro-batch, left-aligned: no padding at all
+    mbs = list(batch.micro_batches(None, 40))
+    lengths = [mb.attention_mask.sum(-1) for mb in mbs]
+    assert sorted(torch.cat(lengths).tolist(), reverse=True) == torch.cat(lengths).tolist()  # longest first
+    assert all(mb.attention_mask.numel() <= 40 or len(mb.advantages) == 1 for mb in mbs)
+    assert all(mb.attention_mask[:, 0].all() for mb in mbs)  # every row starts at column 0
+
+
+def test_token_budget_pads_under_a_tenth_of_a_paper_shaped_step():
+    # 512 rows: prompts 60-400 tokens, completions ~700 on average, a fifth cut off at 1024
+    g = torch.Generator().manual_seed(0)
+    P, C = torch.randint(60, 400, (512,), generator=g), torch.randint(200, 1300, (512,), generator=g).clamp(max=1024)
+    T = int(P.max() + C.max())
+    attn = torch.zeros(512, T, dtype=torch.long)
+    comp = torch.zeros_like(attn)
+    for b, (p, c) in enumerate(zip(P.tolist(), C.tolist())):
+        attn[b, 400 - p : 400 + c], comp[b, 400 : 400 + c] = 1, 1
+    batch = Rollouts(attn.clone(), attn, comp, torch.zeros(512))
+    pad = lambda mbs: 1 - attn.sum().item() / sum(mb.attention_mask.numel() for mb in mbs)
+    by_rows, by_tokens = pad(list(batch.micro_batches(8))), pad(list(batch.micro_batches(None, 16384)))
+    assert by_tokens < 0.10 < by_rows
+    print(f"padding: {by_rows:.1%} in rows of 8, {by_tokens:.1%} by 16k-token budgets")
 
 
 def test_step_updates_and_reports():
@@ -326,3 +367,18 @@ def test_a_nan_gradient_skips_the_update():
     assert optimizer.state == {} and all(p.grad is None for p in model.parameters())  # AdamW untouched
     batch.advantages = torch.tensor([1.0, -0.5, 0.5, -1.0])
     assert not step(model, optimizer, batch, 2, kl_coef=0.0)["skipped"]  # a finite step goes through
+
+
+def test_activation_estimate_grows_with_tokens_and_shrinks_with_checkpointing():
+    from grpo import activation_bytes, is_checkpointing, set_checkpointing
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=V, hidden_size=64, intermediate_size=192, num_hidden_layers=6,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16))
+    logits = lambda t: 3 * min(1024, t) * V * 4
+    full = {t: activation_bytes(model, t) - logits(t) for t in (1024, 4096)}
+    # linear in tokens, and at least each layer's input (64 float32 a token) is kept
+    assert 3.9 < full[4096] / full[1024] < 4.1 and full[1024] > 6 * 64 * 4 * 1024
+    set_checkpointing(model, True)
+    model.eval()
+    kept = activation_bytes(model, 4096) - logits(4096)
+    assert is_checkpointing(model) and not model.training  # put back as it was
+    assert kept < full[4096] / 2.5

@@ -22,7 +22,7 @@ TINY = ["--model", "tiny", "--data", "arith", "--arith-n", "4", "--batch-size", 
         "--max-new-tokens", "12", "--eval-n", "2", "--lr", "1e-3", "--micro-batch", "4"]
 STEP_FIELDS = ["step", "epoch", "reward0", "reward1", "acc0", "acc1", "hms_mv_agree", "flat_groups", "format",
                "p_div", "len0", "len1", "truncated0", "truncated1", "loss", "kl", "clip_frac", "ratio", "grad_norm",
-               "lr", "t_sample", "t_reward", "t_update"] + [f"{k}/{s}" for k in ("label_acc", "no_label")
+               "lr", "pad_share", "t_sample", "t_reward", "t_update"] + [f"{k}/{s}" for k in ("label_acc", "no_label")
                                                            for s in ("hms", "mv", "mv0", "mv2", "cross", "gt")]
 
 
@@ -36,6 +36,7 @@ def read_log(out):
     ["--reframe", "separate", "--engine", "fast", "--kv-cache-gb", "1e-4"],
     ["--engine", "fast", "--dtype", "bfloat16"],
     ["--reward", "additive"],
+    ["--micro-batch-tokens", "40"],
 ])
 def test_two_step_run_logs_every_field(tmp_path, extra):
     selfharmony.main(TINY + ["--steps", "2", "--out-dir", str(tmp_path)] + extra)
@@ -124,24 +125,29 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _update_on_rows(rows, out_path):
-    """One grpo.step of the loop's batch layout on the given rollout rows (run under gloo or alone)."""
+def _update_on_rows(rows, out_path, fsdp=False):
+    """One grpo.step of the loop's batch layout on the given rollout rows (run under gloo or alone;
+    fsdp: the model and reference sharded over the ranks, micro-batches by a token budget)."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     pairs = [(torch.randint(0, 259, (3 + i % 4,), generator=gen).tolist(),
               torch.randint(0, 259, (2 + (5 * i) % 7,), generator=gen).tolist()) for i in range(8)]
     advantages = torch.randn(8, generator=gen)
     model = tiny_model("qwen3")
+    ref = grpo.make_reference(model, 0.05)
+    policy = model.train()
+    if fsdp:
+        policy, ref = grpo.shard(model), grpo.shard(ref)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # weights move by the gradient itself (Adam's
     # first step is ~lr * sign(grad), which turns float noise on near-zero gradients into full steps)
-    ref = grpo.make_reference(model, 0.05)
     views = [0, 0, 0, 0, 1, 1, 1, 1]  # the loop's layout: view 0's rows, then view 1's
     batch = selfharmony.make_batch([pairs[i] for i in rows], advantages[rows], pad_id=256,
                                    views=[views[i] for i in rows])
-    grpo.step(model.train(), optimizer, batch, 2, ref, kl_coef=0.05)
+    grpo.step(policy, optimizer, batch, 2, ref, kl_coef=0.05, micro_batch_tokens=20 if fsdp else None)
+    weights = {k: v.full_tensor() if fsdp else v for k, v in model.state_dict().items()}
     if out_path:
-        torch.save(model.state_dict(), out_path)
-    return model.state_dict()
+        torch.save(weights, out_path)
+    return weights
 
 
 def test_resume_refuses_changed_run_flags_and_takes_the_rest_from_the_run(tmp_path):
@@ -155,14 +161,16 @@ def test_resume_refuses_changed_run_flags_and_takes_the_rest_from_the_run(tmp_pa
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
 
 
-def test_two_gloo_ranks_equal_one_process_with_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
+def test_two_gloo_ranks_equal_one_process_with_the_whole_batch(tmp_path, fsdp):
+    # under FSDP the ranks also run unequal numbers of micro-batches (3 rows against 5, by tokens)
     script = f"""
 import os, sys, torch, torch.distributed as dist
 sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
 from test_selfharmony import _update_on_rows
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-_update_on_rows([0, 1, 2] if rank == 0 else [3, 4, 5, 6, 7], {str(tmp_path)!r} + f"/rank{{rank}}.pt")
+_update_on_rows([0, 1, 2] if rank == 0 else [3, 4, 5, 6, 7], {str(tmp_path)!r} + f"/rank{{rank}}.pt", {fsdp})
 dist.destroy_process_group()
 """
     (tmp_path / "ranks.py").write_text(script)
@@ -178,14 +186,30 @@ dist.destroy_process_group()
     assert not all(torch.allclose(alone[k], whole[k], atol=1e-6) for k in whole)
 
 
-def test_the_loop_runs_under_torchrun_with_two_gloo_ranks(tmp_path):
+def torchrun(argv, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    str(_free_port()), str(ROOT / "selfharmony.py")] + TINY +
-                   ["--steps", "1", "--no-eval", "--device", "cpu", "--out-dir", str(tmp_path)],
-                   check=True, env=env, cwd=tmp_path)
+                    str(_free_port()), str(ROOT / "selfharmony.py")] + argv, check=True, env=env, cwd=cwd)
+
+
+def test_the_loop_runs_under_torchrun_with_two_gloo_ranks(tmp_path):
+    torchrun(TINY + ["--steps", "1", "--no-eval", "--device", "cpu", "--out-dir", str(tmp_path)], tmp_path)
     rows = read_log(tmp_path)
     assert len(rows) == 1 and (tmp_path / "ckpt" / "config.json").exists()
+
+
+def test_the_loop_under_fsdp_stops_resumes_and_samples_what_the_replicated_loop_samples(tmp_path):
+    argv = TINY + ["--steps", "3", "--no-eval", "--device", "cpu", "--micro-batch-tokens", "64"]
+    torchrun(argv + ["--out-dir", str(tmp_path / "replicated")], tmp_path)
+    torchrun(argv + ["--fsdp", "--stop-after", "2", "--out-dir", str(tmp_path / "fsdp")], tmp_path)
+    torchrun(argv + ["--resume", "--out-dir", str(tmp_path / "fsdp")], tmp_path)  # --fsdp from the checkpoint
+    same = lambda r: {k: r[k] for k in ("step", "reward0", "reward1", "len0", "len1")}
+    # the sampling copy is gathered from the shards after each update: step 2 and 3 sample the same texts
+    assert [same(r) for r in read_log(tmp_path / "fsdp")] == [same(r) for r in read_log(tmp_path / "replicated")]
+    a, b = final_weights(tmp_path / "replicated"), final_weights(tmp_path / "fsdp")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    with pytest.raises(SystemExit, match="made with --fsdp: resume it under torchrun"):
+        selfharmony.main(argv + ["--resume", "--steps", "3", "--out-dir", str(tmp_path / "fsdp")])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -359,3 +383,20 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_stands(tmp_path, monkey
     monkeypatch.setattr(selfharmony, "strict_json", real_json)
     selfharmony.main(argv + ["--resume"])
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
+
+
+def test_memory_plan_adds_what_stays_and_names_the_switches_when_it_will_not_fit():
+    import contextlib
+    model = tiny_model()
+    P = sum(p.nbytes for p in model.parameters())  # float32
+    args = selfharmony.parse_args(TINY + ["--kv-cache-gb", "0.5"])
+    args.micro_batch_tokens = 0
+    line, fits = selfharmony.memory_plan(model, model, grpo.make_reference(model, 0.1), args, "cpu", 1,
+                                         contextlib.nullcontext())
+    gib = lambda x: f"{x / 2**30:.1f}"
+    assert fits and f"weights {gib(P)} + gradients {gib(P)} + AdamW {gib(2 * P)}" in line
+    assert "the KV cache 0.5" in line and "sampling copy" not in line  # the CPU samples with the policy
+    args.kv_cache_gb, args.fsdp = 1e6, True
+    line, fits = selfharmony.memory_plan(model, model, None, args, "cpu", 2, contextlib.nullcontext())
+    assert not fits and f"weights {gib(P / 2)}" in line  # under --fsdp, this rank's half
+    assert line.endswith("It will not fit: try --grad-checkpointing, a lower --micro-batch, a lower --kv-cache-gb")
