@@ -124,7 +124,7 @@ def make_parser():
                    help="rows a forward/backward pass, in order, when --micro-batch-tokens is 0")
     p.add_argument("--micro-batch-tokens", type=number(int, 0), default=None,
                    help="rows sorted by length, as many a pass as fill this many row x column slots (0: off; "
-                        "default on cuda 16384, on cpu 0)")
+                        "default on cuda 16384, halved until the memory estimate fits; on cpu 0)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (saves memory)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the weights, gradients, AdamW state and reference over the ranks "
@@ -544,13 +544,18 @@ def main(argv=None):
     # that memory
     sampler = sampling_copy(model, compute_dtype, separate=args.fsdp)
     args.engine = args.engine or ("fast" if device.startswith("cuda") else "eager")
+    auto_budget = args.micro_batch_tokens is None and device.startswith("cuda")
     if args.micro_batch_tokens is None:
         args.micro_batch_tokens = 16384 if device.startswith("cuda") else 0
     if args.kv_cache_gb is None:  # AdamW's two moments and the gradients are not allocated yet
         adam_and_grads = 3 * sum(p.nbytes for p in model.parameters()) / (world if args.fsdp else 1) / 2**30
         args.kv_cache_gb = default_kv_budget_gb(device, reserve_gb=adam_and_grads)
+    plan, fits = memory_plan(model, sampler, ref_model, args, device, world, autocast)
+    while auto_budget and not fits and args.micro_batch_tokens > 1024:  # the default budget halves until it fits
+        args.micro_batch_tokens //= 2
+        plan, fits = memory_plan(model, sampler, ref_model, args, device, world, autocast)
     if master:
-        print(memory_plan(model, sampler, ref_model, args, device, world, autocast)[0])
+        print(plan)
     policy = model
     if args.fsdp:  # this rank keeps a shard of the weights (and so of AdamW's state); `model` holds them
         policy = grpo.shard(model)
@@ -670,10 +675,10 @@ def main(argv=None):
                 run_eval(step + 1)
             due = ((args.save_every and (step + 1) % args.save_every == 0)
                    or (args.save_minutes and time.monotonic() - last_save >= 60 * args.save_minutes))
-            if ddp:  # rank 0's clock decides for all: every rank must reach the same barrier
-                due = [due]
-                dist.broadcast_object_list(due, src=0)
-                due = due[0]
+            if ddp:  # rank 0's clock and signals decide for all: every rank must reach the same collectives
+                decision = [due, bool(stop_requested)]
+                dist.broadcast_object_list(decision, src=0)
+                due, stop_requested[:] = decision[0], [1] if decision[1] else []
             if stop_requested or done or due:
                 if master or args.fsdp:
                     save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step + 1, args, master)

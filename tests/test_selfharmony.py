@@ -289,6 +289,8 @@ def test_bad_numbers_are_one_line_from_the_parser(capsys, flag, value, says):
 @pytest.mark.parametrize("argv, says", [
     (["--n", "0"], "--n: must be an integer >= 1"), (["--top-p", "0"], "--top-p: must be a number > 0 and <= 1"),
     (["--max-new-tokens", "0"], "--max-new-tokens: must be an integer >= 1"), (["--limit", "0"], "--limit"),
+    (["--batch-size", "0"], "--batch-size: must be an integer >= 1"), (["--temperature", "-1"], "--temperature"),
+    (["--max-rows", "0"], "--max-rows"), (["--dtype", "float64"], "invalid choice"),
 ])
 def test_eval_bad_numbers_are_one_line_from_the_parser(capsys, argv, says):
     import eval as ev
