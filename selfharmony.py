@@ -25,6 +25,7 @@ only to measure, unless --selector gt.
     python selfharmony.py --model smollm2 --data arith --reframe given  # the offline CPU demo (README)
     python selfharmony.py --model Qwen/Qwen3-1.7B-Base --data math500 --data-dir ../shared/data
     torchrun --standalone --nproc_per_node=8 selfharmony.py --model Qwen/Qwen3-1.7B-Base ...
+    torchrun --standalone --nproc_per_node=8 selfharmony.py --model Qwen/Qwen3-4B-Base --fsdp --grad-checkpointing ...
 """
 
 import argparse
@@ -404,7 +405,7 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step, args,
     shutil.rmtree(old, ignore_errors=True)
 
 
-def memory_plan(model, sampler, ref_model, args, device, world, autocast):
+def memory_plan(model, sampler, ref_model, args, device, world, compute_dtype):
     """The step's memory, estimated before the first one: (a line to print, whether it fits). What stays
     resident, plus the larger of the rollouts' KV cache and the update's activations (the sampler
     frees its cache before the update). Weights, gradients and AdamW's moments are float32 (under
@@ -415,7 +416,8 @@ def memory_plan(model, sampler, ref_model, args, device, world, autocast):
           kv_bytes_per_token(sampler.config, next(sampler.parameters()).dtype) * args.batch_size // world
           * args.n_rollouts * (args.max_prompt_tokens + args.max_new_tokens))
     tokens = args.micro_batch_tokens or args.micro_batch * (args.max_prompt_tokens + args.max_new_tokens)
-    with autocast:
+    # measured where the model is now (under --fsdp, the CPU) in the update's compute dtype
+    with torch.autocast(model.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
         activations = grpo.activation_bytes(model, tokens)
     parts = {"weights": P / shards, "gradients": P / shards, "AdamW": 2 * P / shards,
              "sampling copy": 0 if sampler is model else sum(p.nbytes for p in sampler.parameters()),
@@ -485,6 +487,7 @@ def main(argv=None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and ddp:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)  # FSDP's device mesh and NCCL take the current device
     compute_dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     if args.out_dir is None:
         if args.resume or args.plot:
@@ -532,28 +535,31 @@ def main(argv=None):
 
     # weights stay float32 (AdamW's lr-3e-6 updates vanish in bfloat16); bfloat16 is autocast compute
     autocast = torch.autocast(device.split(":")[0], dtype=compute_dtype, enabled=compute_dtype != torch.float32)
-    model, tokenizer = load_model(str(ckpt) if args.resume else args.model, device, torch.float32)
+    # under --fsdp the whole float32 weights stay on the CPU until fully_shard moves each rank's shard over
+    home = "cpu" if args.fsdp else device
+    model, tokenizer = load_model(str(ckpt) if args.resume else args.model, home, torch.float32)
     ref_model = None
     if args.kl_coef:  # the reference is the starting model (the run's --model), also after a resume
-        ref_model = load_model(args.model, device, torch.float32)[0] if args.resume else grpo.make_reference(model, args.kl_coef)
+        ref_model = load_model(args.model, home, torch.float32)[0] if args.resume else grpo.make_reference(model, args.kl_coef)
         ref_model.requires_grad_(False)
     if args.grad_checkpointing:
         grpo.set_checkpointing(model, True)
     # rollouts are drawn from a copy in the compute dtype (the policy itself when that is float32 and
     # whole), refreshed after every update; its KV cache is freed after each call, so the update reuses
     # that memory
-    sampler = sampling_copy(model, compute_dtype, separate=args.fsdp)
+    sampler = sampling_copy(model, compute_dtype, separate=args.fsdp).to(device)
     args.engine = args.engine or ("fast" if device.startswith("cuda") else "eager")
     auto_budget = args.micro_batch_tokens is None and device.startswith("cuda")
     if args.micro_batch_tokens is None:
         args.micro_batch_tokens = 16384 if device.startswith("cuda") else 0
-    if args.kv_cache_gb is None:  # AdamW's two moments and the gradients are not allocated yet
-        adam_and_grads = 3 * sum(p.nbytes for p in model.parameters()) / (world if args.fsdp else 1) / 2**30
-        args.kv_cache_gb = default_kv_budget_gb(device, reserve_gb=adam_and_grads)
-    plan, fits = memory_plan(model, sampler, ref_model, args, device, world, autocast)
+    if args.kv_cache_gb is None:  # what is not on the device yet: gradients and AdamW's two moments (and the shards)
+        P = sum(p.nbytes for p in model.parameters())
+        to_come = (3 * P if not args.fsdp else (4 + (ref_model is not None)) * P / world) / 2**30
+        args.kv_cache_gb = default_kv_budget_gb(device, reserve_gb=to_come)
+    plan, fits = memory_plan(model, sampler, ref_model, args, device, world, compute_dtype)
     while auto_budget and not fits and args.micro_batch_tokens > 1024:  # the default budget halves until it fits
         args.micro_batch_tokens //= 2
-        plan, fits = memory_plan(model, sampler, ref_model, args, device, world, autocast)
+        plan, fits = memory_plan(model, sampler, ref_model, args, device, world, compute_dtype)
     if master:
         print(plan)
     policy = model
