@@ -50,7 +50,7 @@ import torch
 import transformers
 from transformers import CompileConfig
 
-from sample import generate, kv_bytes_per_token, load_model, stop_ids
+from sample import generate, kv_bytes_per_token, left_pad, load_model, stop_ids
 
 COLUMNS = ("ours fast", "ours eager", "HF dynamic", "HF static+compile")  # run in this order: slowest last
 SHAPED = ("HF static+compile", "ours fast")  # compiled or graph-captured: they specialise on shapes
@@ -158,9 +158,8 @@ def hf_generate(model, prompts, max_new, n, stops, pad_id, seed, static=False):
     """model.generate on a left-padded batch; the new tokens of each row, cut after its stop.
     static: a static cache, with which generate compiles its decode forward on CUDA by itself
     (GenerationMixin._valid_auto_compile_criteria); the compile_config only makes that explicit."""
-    T = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts], device=model.device)
-    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    ids, mask = left_pad(prompts, model.device, pad_id)
+    T = ids.shape[1]
     torch.manual_seed(seed)
     extra = {} if stops else {"min_new_tokens": max_new}
     if static:

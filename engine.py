@@ -43,7 +43,7 @@ from itertools import islice
 import torch
 import torch.nn.functional as F
 
-from sample import KVCache, forward_last, sample_next
+from sample import KVCache, forward_last, left_pad, sample_next
 
 ARCHS = ("llama", "qwen2", "qwen3")  # config.model_type values whose forward is written below
 # "sdpa": torch's fused attention (one kernel; 1.0-1.2x "matmul" in bench's CPU cases); "matmul": the same
@@ -164,8 +164,7 @@ def prefill(model, prompts, dtype):
             j, Tp = j + 1, max(Tp, len(prompts[j]))
         batch = prompts[i:j]
         cache = KVCache(model.config, len(batch), Tp, dtype, model.device)
-        mask = torch.tensor([[0] * (Tp - len(p)) + [1] * len(p) for p in batch], device=model.device)
-        ids = torch.tensor([[0] * (Tp - len(p)) + p for p in batch], device=model.device)  # pad id is masked
+        ids, mask = left_pad(batch, model.device)  # (P, Tp)
         logits = forward_last(model, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache)  # (P, V)
         out += [(cache.k[:, r, :, Tp - len(p) :], cache.v[:, r, :, Tp - len(p) :], logits[r])
                 for r, p in enumerate(batch)]

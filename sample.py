@@ -306,6 +306,15 @@ def _cache_kwarg(model_class):
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
+def left_pad(prompts, device, pad_id=0):
+    """(ids, mask), each (P, T): the prompts right-aligned at a common last column T - 1, mask 1 on
+    real tokens. The pad id is never attended: any id will do."""
+    T = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
 def forward_last(model, ids, attention_mask, position_ids, cache):
     """Logits of the last position only (b, V), reading and extending the cache."""
     name = _cache_kwarg(type(model))
@@ -390,9 +399,7 @@ def generate_eager(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_
     # 1. prefill the distinct prompts once, as one left-padded batch in rows [0, P), then copy
     #    each prompt's cache rows to its n samples
     P = len(prompts)
-    for i, p in enumerate(prompts):
-        mask[i, Tp - len(p) : Tp] = 1
-    ids = torch.tensor([[0] * (Tp - len(p)) + p for p in prompts], device=device)  # (P, Tp) pad id is arbitrary: masked
+    ids, mask[:P, :Tp] = left_pad(prompts, device)  # (P, Tp)
     positions = (mask[:P, :Tp].cumsum(-1) - 1).clamp(min=0)  # (P, Tp) real tokens count from 0
     cache.rows = slice(0, P)
     logits = forward_last(model, ids, mask[:P, :Tp], positions, cache).repeat_interleave(n, 0)  # (B, V)
