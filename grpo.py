@@ -328,6 +328,7 @@ def set_checkpointing(model, on):
 
 
 def is_checkpointing(model):
+    """Whether set_checkpointing(model, True) is in force."""
     name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
     return getattr(model, f"is_{name}_checkpointing")
 
@@ -341,14 +342,17 @@ def activation_bytes(model, tokens, chunk=1024):
     own = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def saved(n):
-        seen = set()
+        """Bytes autograd saves in a forward of one row of n tokens: each storage once (views share
+        one), the weights' not at all."""
+        seen, sizes = set(own), []
 
         def pack(t):
-            if t.untyped_storage().data_ptr() not in own | seen:
-                seen.add(t.untyped_storage().data_ptr())
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
                 sizes.append(t.untyped_storage().nbytes())
             return t
-        sizes, ids = [], torch.zeros(1, n, dtype=torch.long, device=model.device)
+        ids = torch.zeros(1, n, dtype=torch.long, device=model.device)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model.get_decoder()(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
         return sum(sizes)

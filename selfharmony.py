@@ -379,12 +379,13 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step, args,
     """The model as a Hugging Face folder plus trainer.pt, written by rank 0 beside and then renamed
     in: a run killed while saving keeps the previous checkpoint. Under --fsdp every rank calls it:
     the weights and AdamW's state are gathered whole onto rank 0's CPU (AdamW's keyed by weight name)."""
-    weights, optim = None, optimizer.state_dict()  # weights None: save_pretrained reads the model's own
     if args.fsdp:
         whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
         weights, optim = get_model_state_dict(model, options=whole), get_optimizer_state_dict(model, optimizer, options=whole)
         own = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
         weights = {k: v for k, v in weights.items() if k in own}  # a tied lm_head comes back as a second copy
+    else:
+        weights, optim = None, optimizer.state_dict()  # weights None: save_pretrained reads the model's own
     if not master:
         return
     tmp, final, old = out_dir / "ckpt.tmp", out_dir / "ckpt", out_dir / "ckpt.old"
