@@ -314,17 +314,27 @@ def bench_update(args):
     print(f"model {name}, {rows} rows, {tokens} tokens ({sum(C)} completion), {flops / tokens / 1e9:.1f} GFLOP a "
           f"token; {compute} matmuls: {rate / 1e12:.3g} TFLOP/s; micro-batches of {budget} tokens", flush=True)
     autocast = torch.autocast(args.device, dtype=compute, enabled=compute != torch.float32)
-    results = []
+    results, meta = [], dict(device=args.device, device_name=device_name, torch=torch.__version__,
+                             transformers=transformers.__version__, model=name, matmul_flops=rate,
+                             update_flops=flops, micro_batch_tokens=budget)
     for checkpointing in (True, False):
         grpo.set_checkpointing(model, checkpointing)
         optimizer = grpo.make_optimizer(model, lr=1e-7)
         run = lambda b: grpo.step(model.train(), optimizer, b, None, ref, micro_batch_tokens=budget)
-        with autocast:
-            estimate = grpo.activation_bytes(model, budget)
-            if gpu:  # kernels and the allocator's pool, on two rows
-                run(grpo.Rollouts(**{k: None if v is None else v[:2] for k, v in vars(batch).items()}))
-                torch.cuda.reset_peak_memory_stats()
-            seconds, stats = timed(lambda: run(batch), args.device)
+        try:
+            with autocast:
+                estimate = grpo.activation_bytes(model, budget)
+                if gpu:  # kernels and the allocator's pool, on two rows
+                    run(grpo.Rollouts(**{k: None if v is None else v[:2] for k, v in vars(batch).items()}))
+                    torch.cuda.reset_peak_memory_stats()
+                seconds, stats = timed(lambda: run(batch), args.device)
+        except torch.OutOfMemoryError:  # without checkpointing a big budget may not fit: keep the other figures
+            print(f"checkpointing {'on ' if checkpointing else 'off'}: out of memory at {budget} tokens a "
+                  "micro-batch", flush=True)
+            del optimizer
+            if gpu:
+                torch.cuda.empty_cache()
+            continue
         # the CPU has no allocator statistics: the process's peak resident memory (KiB on Linux)
         peak = torch.cuda.max_memory_allocated() if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         r = dict(checkpointing=checkpointing, rows=rows, tokens=tokens, seconds=seconds, tok_s=tokens / seconds,
@@ -335,11 +345,9 @@ def bench_update(args):
               f"{r['tflops']:7.3g} TFLOP/s = {r['mfu']:.0%} of the matmul rate  padding {r['pad_share']:.1%}  "
               f"peak {'' if gpu else 'RSS '}{r['peak_gib']:.1f} GiB (activations estimated {estimate / 2**30:.1f})",
               flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=args.device, device_name=device_name, torch=torch.__version__,
-                           transformers=transformers.__version__, model=name, matmul_flops=rate,
-                           update_flops=flops, micro_batch_tokens=budget, results=results), f, indent=1)
+        if args.json:  # after each, so a killed run keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(dict(meta, results=results), f, indent=1)
     return results
 
 
