@@ -331,7 +331,8 @@ def bench_update(args):
         except torch.OutOfMemoryError:  # without checkpointing a big budget may not fit: keep the other figures
             print(f"checkpointing {'on ' if checkpointing else 'off'}: out of memory at {budget} tokens a "
                   "micro-batch", flush=True)
-            del optimizer
+            optimizer.state.clear()  # free what the failed step allocated before the next one
+            model.zero_grad(set_to_none=True)
             if gpu:
                 torch.cuda.empty_cache()
             continue
