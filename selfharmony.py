@@ -406,13 +406,21 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step, args,
     shutil.rmtree(old, ignore_errors=True)
 
 
-def memory_plan(model, sampler, ref_model, args, device, world, compute_dtype):
-    """The step's memory, estimated before the first one: (a line to print, whether it fits). What stays
-    resident, plus the larger of the rollouts' KV cache and the update's activations (the sampler
-    frees its cache before the update). Weights, gradients and AdamW's moments are float32 (under
-    --fsdp this rank's share); activations are measured (grpo.activation_bytes)."""
+def resident_bytes(model, sampler, ref_model, args, world):
+    """What a rank keeps through the run, by part: float32 weights, gradients, AdamW's two moments and
+    the reference (under --fsdp this rank's share of each), and the sampling copy."""
     shards = world if args.fsdp else 1
     P = sum(p.nbytes for p in model.parameters())
+    return {"weights": P / shards, "gradients": P / shards, "AdamW": 2 * P / shards,
+            "sampling copy": 0 if sampler is model else sum(p.nbytes for p in sampler.parameters()),
+            "reference": 0 if ref_model is None else P / shards}
+
+
+def memory_plan(parts, model, sampler, args, device, world, compute_dtype):
+    """The step's memory, estimated before the first one: (a line to print, whether it fits). What stays
+    resident (`parts`, from resident_bytes), plus the larger of the rollouts' KV cache and the update's
+    activations (the sampler frees its cache before the update); activations are measured
+    (grpo.activation_bytes)."""
     kv = (args.kv_cache_gb * 2**30 if args.kv_cache_gb else  # no budget: one view's rollouts at a time
           kv_bytes_per_token(sampler.config, next(sampler.parameters()).dtype) * args.batch_size // world
           * args.n_rollouts * (args.max_prompt_tokens + args.max_new_tokens))
@@ -420,9 +428,6 @@ def memory_plan(model, sampler, ref_model, args, device, world, compute_dtype):
     # measured where the model is now (under --fsdp, the CPU) in the update's compute dtype
     with torch.autocast(model.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
         activations = grpo.activation_bytes(model, tokens)
-    parts = {"weights": P / shards, "gradients": P / shards, "AdamW": 2 * P / shards,
-             "sampling copy": 0 if sampler is model else sum(p.nbytes for p in sampler.parameters()),
-             "reference": 0 if ref_model is None else P / shards}
     total = sum(parts.values()) + max(kv, activations)
     if device.startswith("cuda"):
         have, where = torch.cuda.get_device_properties(device).total_memory, device
@@ -553,14 +558,14 @@ def main(argv=None):
     auto_budget = args.micro_batch_tokens is None and device.startswith("cuda")
     if args.micro_batch_tokens is None:
         args.micro_batch_tokens = 16384 if device.startswith("cuda") else 0
-    if args.kv_cache_gb is None:  # what is not on the device yet: gradients and AdamW's two moments (and the shards)
-        P = sum(p.nbytes for p in model.parameters())
-        to_come = (3 * P if not args.fsdp else (4 + (ref_model is not None)) * P / world) / 2**30
-        args.kv_cache_gb = default_kv_budget_gb(device, reserve_gb=to_come)
-    plan, fits = memory_plan(model, sampler, ref_model, args, device, world, compute_dtype)
+    parts = resident_bytes(model, sampler, ref_model, args, world)
+    if args.kv_cache_gb is None:  # less what is not on the device yet: gradients, AdamW (and under --fsdp the shards)
+        to_come = parts["gradients"] + parts["AdamW"] + (parts["weights"] + parts["reference"] if args.fsdp else 0)
+        args.kv_cache_gb = default_kv_budget_gb(device, reserve_gb=to_come / 2**30)
+    plan, fits = memory_plan(parts, model, sampler, args, device, world, compute_dtype)
     while auto_budget and not fits and args.micro_batch_tokens > 1024:  # the default budget halves until it fits
         args.micro_batch_tokens //= 2
-        plan, fits = memory_plan(model, sampler, ref_model, args, device, world, compute_dtype)
+        plan, fits = memory_plan(parts, model, sampler, args, device, world, compute_dtype)
     if master:
         print(plan)
     policy = model
