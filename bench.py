@@ -270,22 +270,18 @@ def update_flops(config, prompt_lengths, completion_lengths, kl=True):
 
 
 def paper_rows(rows, prompt_len, mean_completion, max_completion, vocab, seed):
-    """A grpo.Rollouts of `rows` random rows: prompts of prompt_len +- 40%, completions drawn
-    uniformly around mean_completion and cut at max_completion, half of them view 1."""
-    from grpo import Rollouts
+    """The loop's batch (selfharmony.make_batch) of `rows` random rows: prompts of prompt_len +- 40%,
+    completions drawn uniformly around mean_completion and cut at max_completion, half of them
+    view 1; with the prompt and completion lengths."""
+    from selfharmony import make_batch
     g = torch.Generator().manual_seed(seed)
-    P = torch.randint(int(0.6 * prompt_len), int(1.4 * prompt_len) + 1, (rows,), generator=g)
+    P = torch.randint(int(0.6 * prompt_len), int(1.4 * prompt_len) + 1, (rows,), generator=g).tolist()
     C = torch.randint(mean_completion // 4, 2 * mean_completion - mean_completion // 4, (rows,), generator=g)
-    C = C.clamp(1, max_completion)
-    width = int(P.max() + C.max())
-    attention = torch.zeros(rows, width, dtype=torch.long)
-    completion = torch.zeros_like(attention)
-    for i, (p, c) in enumerate(zip(P.tolist(), C.tolist())):
-        attention[i, int(P.max()) - p : int(P.max()) + c] = 1
-        completion[i, int(P.max()) : int(P.max()) + c] = 1
-    ids = torch.randint(0, vocab, (rows, width), generator=g)
-    return Rollouts(ids, attention, completion, torch.randn(rows, generator=g),
-                    views=(torch.arange(rows) >= rows // 2).long()), P.tolist(), C.tolist()
+    C = C.clamp(1, max_completion).tolist()
+    tokens = lambda k: torch.randint(0, vocab, (k,), generator=g).tolist()
+    pairs = [(tokens(p), tokens(c)) for p, c in zip(P, C)]
+    batch = make_batch(pairs, torch.randn(rows, generator=g), pad_id=0, views=[int(i >= rows // 2) for i in range(rows)])
+    return batch, P, C
 
 
 def bench_update(args):
@@ -323,7 +319,7 @@ def bench_update(args):
         run = lambda b: grpo.step(model.train(), optimizer, b, None, ref, micro_batch_tokens=budget)
         try:
             with autocast:
-                estimate = grpo.activation_bytes(model, budget)
+                estimate = grpo.activation_estimate(model)(budget)
                 if gpu:  # kernels and the allocator's pool, on two rows
                     run(grpo.Rollouts(**{k: None if v is None else v[:2] for k, v in vars(batch).items()}))
                     torch.cuda.reset_peak_memory_stats()

@@ -26,7 +26,7 @@ rho = 3 and adds 1e-8 to each token-mean's denominator (a later verl also clamps
 of those act, and the 1e-8 is below float32's resolution of any real token count.
 
 At scale: micro-batches by a token budget (rows sorted by length, each moved to column 0, so a
-micro-batch pads only its spread of lengths), activation_bytes measures what the update keeps
+micro-batch pads only its spread of lengths), activation_estimate measures what the update keeps
 for backward, and shard() spreads weights, gradients and AdamW's state over torchrun's ranks
 with FSDP2 (the loop's --fsdp).
 
@@ -333,12 +333,13 @@ def is_checkpointing(model):
     return getattr(model, f"is_{name}_checkpointing")
 
 
-def activation_bytes(model, tokens, chunk=1024):
-    """Bytes the update holds for backward at a micro-batch of `tokens` row x column slots, measured:
-    the tensors autograd saves in the scoring forward of one row (128 and 256 tokens: a constant plus
-    a cost a token, weights excluded, autocast's bfloat16 weight copies included), plus, under
-    gradient checkpointing, one layer's activations rebuilt in backward, plus a logits chunk
-    (float32, chunk x vocabulary, three of them alive while its log-softmax is differentiated)."""
+def activation_estimate(model, chunk=1024):
+    """bytes(tokens): what the update holds for backward at a micro-batch of `tokens` row x column
+    slots. Measured once, here: the tensors autograd saves in the scoring forward of one row (128 and
+    256 tokens: a constant plus a cost a token, weights excluded, autocast's bfloat16 weight copies
+    included), plus, under gradient checkpointing, one layer's activations rebuilt in backward; the
+    function adds a logits chunk (float32, chunk x vocabulary, three of them alive while its
+    log-softmax is differentiated)."""
     own = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def saved(n):
@@ -373,8 +374,8 @@ def activation_bytes(model, tokens, chunk=1024):
             set_checkpointing(model, True)
     finally:
         model.train(was_training)
-    logits = 3 * min(chunk, tokens) * model.config.vocab_size * 4
-    return int(fixed + (per_token + rebuilt) * tokens + logits)
+    vocab = model.config.vocab_size
+    return lambda tokens: int(fixed + (per_token + rebuilt) * tokens + 3 * min(chunk, tokens) * vocab * 4)
 
 
 # -----------------------------------------------------------------------------

@@ -416,18 +416,16 @@ def resident_bytes(model, sampler, ref_model, args, world):
             "reference": 0 if ref_model is None else P / shards}
 
 
-def memory_plan(parts, model, sampler, args, device, world, compute_dtype):
+def memory_plan(parts, activations_at, sampler, args, world, device):
     """The step's memory, estimated before the first one: (a line to print, whether it fits). What stays
     resident (`parts`, from resident_bytes), plus the larger of the rollouts' KV cache and the update's
-    activations (the sampler frees its cache before the update); activations are measured
-    (grpo.activation_bytes)."""
+    activations (activations_at, from grpo.activation_estimate; the sampler frees its cache before the
+    update)."""
     kv = (args.kv_cache_gb * 2**30 if args.kv_cache_gb else  # no budget: one view's rollouts at a time
           kv_bytes_per_token(sampler.config, next(sampler.parameters()).dtype) * args.batch_size // world
           * args.n_rollouts * (args.max_prompt_tokens + args.max_new_tokens))
     tokens = args.micro_batch_tokens or args.micro_batch * (args.max_prompt_tokens + args.max_new_tokens)
-    # measured where the model is now (under --fsdp, the CPU) in the update's compute dtype
-    with torch.autocast(model.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-        activations = grpo.activation_bytes(model, tokens)
+    activations = activations_at(tokens)
     total = sum(parts.values()) + max(kv, activations)
     if device.startswith("cuda"):
         have, where = torch.cuda.get_device_properties(device).total_memory, device
@@ -562,10 +560,13 @@ def main(argv=None):
     if args.kv_cache_gb is None:  # less what is not on the device yet: gradients, AdamW (and under --fsdp the shards)
         to_come = parts["gradients"] + parts["AdamW"] + (parts["weights"] + parts["reference"] if args.fsdp else 0)
         args.kv_cache_gb = default_kv_budget_gb(device, reserve_gb=to_come / 2**30)
-    plan, fits = memory_plan(parts, model, sampler, args, device, world, compute_dtype)
+    # measured once, where the model is now (under --fsdp, the CPU), in the update's compute dtype
+    with torch.autocast(model.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+        activations_at = grpo.activation_estimate(model)
+    plan, fits = memory_plan(parts, activations_at, sampler, args, world, device)
     while auto_budget and not fits and args.micro_batch_tokens > 1024:  # the default budget halves until it fits
         args.micro_batch_tokens //= 2
-        plan, fits = memory_plan(parts, model, sampler, args, device, world, compute_dtype)
+        plan, fits = memory_plan(parts, activations_at, sampler, args, world, device)
     if master:
         print(plan)
     policy = model

@@ -370,15 +370,16 @@ def test_a_nan_gradient_skips_the_update():
 
 
 def test_activation_estimate_grows_with_tokens_and_shrinks_with_checkpointing():
-    from grpo import activation_bytes, is_checkpointing, set_checkpointing
+    from grpo import activation_estimate, is_checkpointing, set_checkpointing
     model = Qwen3ForCausalLM(Qwen3Config(vocab_size=V, hidden_size=64, intermediate_size=192, num_hidden_layers=6,
                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16))
     logits = lambda t: 3 * min(1024, t) * V * 4
-    full = {t: activation_bytes(model, t) - logits(t) for t in (1024, 4096)}
+    bytes_at = activation_estimate(model)
+    full = {t: bytes_at(t) - logits(t) for t in (1024, 4096)}
     # linear in tokens, and at least each layer's input (64 float32 a token) is kept
     assert 3.9 < full[4096] / full[1024] < 4.1 and full[1024] > 6 * 64 * 4 * 1024
     set_checkpointing(model, True)
     model.eval()
-    kept = activation_bytes(model, 4096) - logits(4096)
+    kept = activation_estimate(model)(4096) - logits(4096)
     assert is_checkpointing(model) and not model.training  # put back as it was
     assert kept < full[4096] / 2.5

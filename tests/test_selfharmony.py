@@ -393,12 +393,12 @@ def test_memory_plan_adds_what_stays_and_names_the_switches_when_it_will_not_fit
     args = selfharmony.parse_args(TINY + ["--kv-cache-gb", "0.5"])
     args.micro_batch_tokens = 0
     parts = selfharmony.resident_bytes(model, model, grpo.make_reference(model, 0.1), args, 1)
-    line, fits = selfharmony.memory_plan(parts, model, model, args, "cpu", 1, torch.float32)
+    line, fits = selfharmony.memory_plan(parts, grpo.activation_estimate(model), model, args, 1, "cpu")
     gib = lambda x: f"{x / 2**30:.1f}"
     assert fits and f"weights {gib(P)} + gradients {gib(P)} + AdamW {gib(2 * P)}" in line
     assert "the KV cache 0.5" in line and "sampling copy" not in line  # the CPU samples with the policy
     args.kv_cache_gb, args.fsdp = 1e6, True
     parts = selfharmony.resident_bytes(model, model, None, args, 2)
-    line, fits = selfharmony.memory_plan(parts, model, model, args, "cpu", 2, torch.float32)
+    line, fits = selfharmony.memory_plan(parts, grpo.activation_estimate(model), model, args, 2, "cpu")
     assert not fits and f"weights {gib(P / 2)}" in line  # under --fsdp, this rank's half
     assert line.endswith("It will not fit: try --grad-checkpointing, a lower --micro-batch, a lower --kv-cache-gb")
