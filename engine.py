@@ -14,25 +14,27 @@ reference, and tests/test_engine.py checks that both give the same tokens. What 
   3. A decode step of fixed shapes. It reads slots [0, b) and cache columns [0, t) for a bucket
      (b, t), and takes everything that changes (token, position, the uniform number of its draw)
      from static buffers, so on CUDA it is captured once a bucket as a CUDA graph and replayed:
-     the ~1,800 kernels of a 1.7B step cost one launch. Sampling inside it is
+     the step's hundreds of small kernels cost one launch. Sampling inside it is
      `sample.sample_next`, the eager path's own function, fed with uniforms drawn outside the graph.
   4. Attention reads each key/value head once: the g query heads that share it are matched as
      g queries of one head, (b, Hkv, g, D) against (b, Hkv, t, D), with no copy of K and V per
-     query head (HF's repeat_kv) and no mask rebuilt by a framework; a row sees columns 0..pos of
-     its own slot.
+     query head (HF's repeat_kv); a row sees columns 0..pos of its own slot, through one additive
+     mask a step.
   5. The host looks at the new tokens every `check_every` steps (one sync), not after each
      token. A row that stopped in between runs on for the rest of the window in its own slot and
      the tokens after its stop are dropped.
 The forward is the Llama family's (Llama, SmolLM2, Qwen2, Qwen3: RMSNorm, RoPE, grouped queries,
-Qwen3's q/k norms). It calls the HF model's own modules (embeddings, norms, projections, MLPs,
-lm_head, and its rotary embedding for the cos/sin table) and writes only the loop over layers and
-attention with the slot cache, so it reads the HF weights in place and computes what HF computes.
+Qwen3's q/k norms). It calls the HF model's own modules (embeddings, projections, MLPs, lm_head,
+and its rotary embedding for the cos/sin table) and writes the loop over layers, attention with the
+slot cache, RMSNorm (torch's fused rms_norm on the modules' weights: one kernel on CUDA, eight in
+HF's code) and RoPE (queries and keys at once), so it reads the HF weights in place and computes
+what HF computes (exactly in float32; tests/test_engine.py checks each piece and the whole step).
 Weights run in their own dtype (autocast is off inside): give it the bfloat16 sampling copy.
 
     python engine.py --model smollm2     # greedy parity with the eager loop, and both timed
     python engine.py --model random:qwen3-1.7b --device cuda    # the same on a GPU (float32), graphs too
     python engine.py --model random:qwen3-1.7b --device cuda --dtype bfloat16 --profile 256,512
-                                         # one decode step: attention choices, sampling's share, kernels
+                                         # one decode step, and with one part changed; its kernels
 """
 
 import argparse
@@ -64,32 +66,38 @@ def supports(model):
 # The forward of one decode step
 
 
-def rope(x, cos, sin):
-    """Rotary position embedding of x (b, H, D) at each row's position (cos, sin: (b, 1, D)), as HF."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+def norm(module, x):
+    """HF's RMSNorm (Llama, Qwen2, Qwen3: x / rms(x) * weight, in float32) as torch's rms_norm: one fused
+    kernel on CUDA where HF's code launches eight, four times a layer."""
+    return F.rms_norm(x, x.shape[-1:], module.weight, module.variance_epsilon)
 
 
-def attend(attn, h, cos, sin, k_cache, v_cache, rows, pos, mask):
+def rope(x, cos, sin_signed):
+    """Rotary position embedding of x (b, H, D) at each row's position, as HF's x * cos + rotate_half(x)
+    * sin with rotate_half(x) = (-x2, x1): here (x2, x1) = x rolled by half times sin_signed = (-sin1,
+    sin2), the same products in four kernels instead of five. cos, sin_signed: (b, 1, D)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
+
+
+def attend(attn, h, cos, sin, k_cache, v_cache, rows, pos, bias):
     """One new token a row: its key and value go to column pos of the row's slot, then its query
-    attends over the slot's columns where mask (b, t) is true. k_cache, v_cache: (R, Hkv, L, D)."""
+    attends over the slot's columns, where bias (b, t) is 0, not -inf. k_cache, v_cache: (R, Hkv, L, D)."""
     b, D = h.shape[0], attn.head_dim
     q = attn.q_proj(h).view(b, -1, D)  # (b, Hq, D)
     k = attn.k_proj(h).view(b, -1, D)  # (b, Hkv, D)
     v = attn.v_proj(h).view(b, -1, D)
     if hasattr(attn, "q_norm"):  # Qwen3 normalises each head's query and key before RoPE
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = rope(q, cos, sin), rope(k, cos, sin)
+        q, k = norm(attn.q_norm, q), norm(attn.k_norm, k)
+    Hq, Hkv, t = q.shape[1], k.shape[1], bias.shape[1]
+    q, k = rope(torch.cat((q, k), 1), cos, sin).split((Hq, Hkv), 1)  # one RoPE for queries and keys
     k_cache[rows, :, pos] = k
     v_cache[rows, :, pos] = v
-    Hkv, t = k.shape[1], mask.shape[1]
     K, V = k_cache[:b, :, :t], v_cache[:b, :, :t]  # (b, Hkv, t, D) views: no copy
-    q = q.view(b, Hkv, -1, D)  # (b, Hkv, g, D) query head j * g + i uses key/value head j, as repeat_kv
+    q = q.reshape(b, Hkv, -1, D)  # (b, Hkv, g, D) query head j * g + i uses key/value head j, as repeat_kv
     if ATTENTION == "sdpa":
-        out = F.scaled_dot_product_attention(q, K, V, attn_mask=mask[:, None, None, :], scale=attn.scaling)
+        out = F.scaled_dot_product_attention(q, K, V, attn_mask=bias[:, None, None, :], scale=attn.scaling)
     else:
-        scores = (q @ K.transpose(-1, -2)).float() * attn.scaling  # (b, Hkv, g, t)
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        scores = (q @ K.transpose(-1, -2)).float() * attn.scaling + bias[:, None, None, :]  # (b, Hkv, g, t)
         out = scores.softmax(-1).to(V.dtype) @ V  # (b, Hkv, g, D)
     return attn.o_proj(out.reshape(b, -1))
 
@@ -113,24 +121,32 @@ class Slots:
         self.cols = torch.arange(length, device=device)
         # cos / sin of every position, computed by the model's own rotary module (any RoPE scaling it has)
         cos, sin = model.model.rotary_emb(self.k[0, 0, 0], self.cols[None])  # (1, L, D) in the cache dtype
-        self.cos, self.sin = cos[0], sin[0]
+        half = head_dim // 2
+        self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), -1)  # sin signed for rope()
+
+
+def step_logits(model, slots, b, t):
+    """The next-token logits (b, V) of slots[:b]'s tokens at their positions, reading cache columns
+    [0, t); each row's key and value go to its column on the way. Fixed shapes, no host sync."""
+    m, pos = model.model, slots.pos[:b]
+    x = m.embed_tokens(slots.tok[:b])  # (b, H)
+    cos, sin = slots.cos[pos][:, None], slots.sin[pos][:, None]  # (b, 1, D)
+    # a row sees its own columns 0..pos: an additive mask, built once a step for every layer
+    bias = torch.zeros(b, t, dtype=x.dtype, device=x.device).masked_fill_(slots.cols[:t] > pos[:, None], float("-inf"))
+    for i, layer in enumerate(m.layers):
+        x = x + attend(layer.self_attn, norm(layer.input_layernorm, x), cos, sin, slots.k[i], slots.v[i],
+                       slots.rows[:b], pos, bias)
+        x = x + layer.mlp(norm(layer.post_attention_layernorm, x))
+    return model.lm_head(norm(m.norm, x))
 
 
 def decode_step(model, slots, b, t, sampling):
     """Feed slots[:b]'s tokens at their positions, reading cache columns [0, t); sample each row's
     next token into slots.tok and advance slots.pos. Fixed shapes, no host sync: graph-capturable."""
-    m, tok, pos = model.model, slots.tok[:b], slots.pos[:b]
-    x = m.embed_tokens(tok)  # (b, H)
-    cos, sin = slots.cos[pos][:, None], slots.sin[pos][:, None]  # (b, 1, D)
-    mask = slots.cols[:t] <= pos[:, None]  # (b, t) a row sees its own columns 0..pos
-    for i, layer in enumerate(m.layers):
-        x = x + attend(layer.self_attn, layer.input_layernorm(x), cos, sin, slots.k[i], slots.v[i],
-                       slots.rows[:b], pos, mask)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    logits = model.lm_head(m.norm(x))  # (b, V)
-    tok.copy_(sample_next(logits, *sampling, u=slots.u[:b]))
+    logits = step_logits(model, slots, b, t)
+    slots.tok[:b].copy_(sample_next(logits, *sampling, u=slots.u[:b]))
     # a row that stopped runs on until the host looks: keep its writes inside its slot
-    pos.add_(1).clamp_(max=slots.k.shape[3] - 1)
+    slots.pos[:b].add_(1).clamp_(max=slots.k.shape[3] - 1)
 
 
 def capture(step, slots, pool):
@@ -197,6 +213,8 @@ def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0,
     check_every = check_every or (8 if cuda else 1)
     N = len(prompts) * n  # sequence i is sample i % n of prompt i // n
     R, L = min(max_rows or N, N), max(map(len, prompts)) + max_new_tokens
+    if cuda:  # every bucket's t a multiple of 16: SDPA's fused kernels copy a mask of other lengths to pad it
+        L = -(-L // 16) * 16
     sampling, stops = (temperature, top_k, top_p), set(stop_ids)
     with torch.autocast(device.type, enabled=False):
         slots = Slots(model, R, L, check_every, dtype, device)
@@ -280,18 +298,37 @@ def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0,
     return out
 
 
+@torch.no_grad()
+def step_check(model, prompt):
+    """One decode step's logits at the prompt's last token against HF's forward on the whole prompt:
+    max |difference|, the logits' standard deviation, whether the argmax agrees. In bfloat16 greedy
+    tokens can flip on near-ties; this says whether the step itself is right."""
+    dtype = next(model.parameters()).dtype
+    slots = Slots(model, 1, len(prompt), 1, dtype, model.device)
+    (k, v, _), = prefill(model, [prompt[:-1]], dtype)
+    slots.k[:, 0, :, :-1], slots.v[:, 0, :, :-1] = k, v
+    slots.tok[0], slots.pos[0] = prompt[-1], len(prompt) - 1
+    ours = step_logits(model, slots, 1, len(prompt))[0].float()
+    ref = model(torch.tensor([prompt], device=model.device)).logits[0, -1].float()
+    return (ours - ref).abs().max().item(), ref.std().item(), bool(ours.argmax() == ref.argmax())
+
+
 def profile_step(model, rows, length):
-    """Milliseconds of one decode step over `rows` slots reading `length` cache columns, for each
-    attention and with sampling or argmax; on CUDA a captured graph, and a table of its kernels."""
+    """Milliseconds of one decode step over `rows` slots reading `length` cache columns: as the engine
+    runs it, then with one thing changed (the other attention, argmax instead of sampling, HF's own
+    RMSNorm modules); on CUDA each a captured graph, then the step's kernels."""
     device, dtype = model.device, next(model.parameters()).dtype
     slots = Slots(model, rows, 2 * length, 1, dtype, device)
     slots.tok.random_(model.config.vocab_size)
     cuda = device.type == "cuda"
-    global ATTENTION
-    chosen = ATTENTION
-    for attention in ("matmul", "sdpa"):
-        for name, sampling in (("sampled", (1.0, 0, 1.0)), ("argmax", (0, 0, 1.0))):
-            ATTENTION = attention
+    sampled, other = (1.0, 0, 1.0), "matmul" if ATTENTION == "sdpa" else "sdpa"
+    variants = (("as the engine runs", {}, sampled), (f"{other} attention", {"ATTENTION": other}, sampled),
+                ("argmax, no sampling", {}, (0, 0, 1.0)),
+                ("HF's RMSNorm modules", {"norm": lambda module, x: module(x)}, sampled))
+    for name, changes, sampling in variants:
+        saved = {key: globals()[key] for key in changes}
+        globals().update(changes)
+        try:
             step = lambda: decode_step(model, slots, rows, length, sampling)
             run = capture(step, slots, torch.cuda.graph_pool_handle()).replay if cuda else step
             for k in range(23):  # 3 to warm up, 20 timed
@@ -301,15 +338,18 @@ def profile_step(model, rows, length):
                 slots.pos.fill_(length - 1 - 8)  # the same columns every time
                 run()
             torch.cuda.synchronize() if cuda else None
-            print(f"{rows} rows x {length} columns, {attention:>6} attention, {name:>7}: "
-                  f"{(time.perf_counter() - t0) / 20 * 1e3:.2f} ms a step", flush=True)
-    ATTENTION = chosen
+        finally:
+            globals().update(saved)
+        print(f"{rows} rows x {length} columns, {name:>20}: {(time.perf_counter() - t0) / 20 * 1e3:.2f} ms a step",
+              flush=True)
     if cuda:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            decode_step(model, slots, rows, length, (1.0, 0, 1.0))
+            decode_step(model, slots, rows, length, sampled)
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20))
+        kernels = prof.key_averages()
+        print(f"{sum(e.count for e in kernels)} kernels a step")
+        print(kernels.table(sort_by="self_cuda_time_total", row_limit=20))
 
 
 if __name__ == "__main__":
@@ -347,7 +387,11 @@ if __name__ == "__main__":
               f"{tokenizer.decode(greedy[0], skip_special_tokens=True)[:70]!r}")
         if name == "eager":
             reference = greedy
-    print("greedy tokens equal:", greedy == reference)
+    where = [next((i for i, (a, b) in enumerate(zip(f, e)) if a != b), None) for f, e in zip(greedy, reference)]
+    same = greedy == reference
+    print("greedy tokens equal:", same, "" if same else f"(the first differing token of each row: {where})")
+    print("one decode step's logits against HF's forward: max |difference| {:.2e}, their standard deviation "
+          "{:.2f}, same argmax {}".format(*step_check(model, prompts[0])))
     if args.device == "cuda":  # a replayed graph must compute what the same step computes uncaptured
         kw = dict(max_rows=args.max_rows, temperature=0, stop_ids=stops)
         print("graphs equal no graphs:", generate(model, prompts, args.max_new_tokens, cuda_graphs=False, **kw) == greedy)

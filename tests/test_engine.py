@@ -109,17 +109,37 @@ def test_decode_step_equals_the_hf_forward(model, tok):
         slots.k[:, s, :, : len(prompt)], slots.v[:, s, :, : len(prompt)] = k, v
     slots.tok[:] = torch.tensor([65, 66])
     slots.pos[:] = len(prompt)
-    captured = {}
-    real = engine.sample_next
-    engine.sample_next = lambda logits, *a, **kw: captured.setdefault("logits", logits).argmax(-1)
-    try:
-        engine.decode_step(model, slots, 2, 24, (0, 0, 1.0))
-    finally:
-        engine.sample_next = real
     with torch.no_grad():
+        logits = engine.step_logits(model, slots, 2, 24)
         ref = model(torch.tensor([prompt + [65], prompt + [66]])).logits[:, -1]
-    torch.testing.assert_close(captured["logits"], ref, atol=1e-5, rtol=1e-5)
-    assert slots.pos.tolist() == [len(prompt) + 1] * 2
+        engine.decode_step(model, slots, 2, 24, (0, 0, 1.0))  # greedy: the argmax goes in, the position advances
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+    assert slots.tok.tolist() == ref.argmax(-1).tolist() and slots.pos.tolist() == [len(prompt) + 1] * 2
+
+
+def test_norm_and_rope_compute_what_hf_computes():
+    from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
+
+    model = tiny_model("qwen3")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.model.norm.weight.normal_()  # not all ones, so the weight's product is checked too
+        for dtype in (torch.float32, torch.bfloat16):
+            module, x = model.model.norm.to(dtype), (3 * torch.randn(5, 64)).to(dtype)
+            ours, theirs = engine.norm(module, x), module(x)
+            if dtype == torch.float32:
+                assert torch.equal(ours, theirs)
+            else:  # one rounding to bfloat16 where HF rounds twice: at most one unit in the last place
+                assert ours.dtype == dtype
+                torch.testing.assert_close(ours, theirs, atol=0, rtol=2 ** -7)
+        model.float()
+        slots = engine.Slots(model, 1, 40, 1, torch.float32, torch.device("cpu"))
+        pos = torch.tensor([0, 7, 39])
+        q, k = torch.randn(3, 4, 16), torch.randn(3, 2, 16)
+        cos, sin = model.model.rotary_emb(q, pos[:, None])  # HF's (b, 1, D) table at each row's position
+        hf_q, hf_k = apply_rotary_pos_emb(q[:, :, None], k[:, :, None], cos, sin)  # (b, H, 1, D)
+        ours = engine.rope(torch.cat((q, k), 1), slots.cos[pos][:, None], slots.sin[pos][:, None])
+    assert torch.equal(ours, torch.cat((hf_q, hf_k), 1)[:, :, 0])
 
 
 def test_buckets_and_supports():
