@@ -389,7 +389,7 @@ if __name__ == "__main__":
             reference = greedy
     where = [next((i for i, (a, b) in enumerate(zip(f, e)) if a != b), None) for f, e in zip(greedy, reference)]
     same = greedy == reference
-    print("greedy tokens equal:", same, "" if same else f"(the first differing token of each row: {where})")
+    print(f"greedy tokens equal: {same}" + ("" if same else f" (the first differing token of each row: {where})"))
     print("one decode step's logits against HF's forward: max |difference| {:.2e}, their standard deviation "
           "{:.2f}, same argmax {}".format(*step_check(model, prompts[0])))
     if args.device == "cuda":  # a replayed graph must compute what the same step computes uncaptured
