@@ -212,9 +212,9 @@ def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0,
     cuda_graphs = cuda if cuda_graphs is None else cuda_graphs
     check_every = check_every or (8 if cuda else 1)
     N = len(prompts) * n  # sequence i is sample i % n of prompt i // n
-    R, L = min(max_rows or N, N), max(map(len, prompts)) + max_new_tokens
-    if cuda:  # every bucket's t a multiple of 16: SDPA's fused kernels copy a mask of other lengths to pad it
-        L = -(-L // 16) * 16
+    # cache columns: a multiple of 16, so that on CUDA every bucket's t is one too (SDPA's fused kernels copy
+    # a mask of other lengths to pad it)
+    R, L = min(max_rows or N, N), -(-(max(map(len, prompts)) + max_new_tokens) // 16) * 16
     sampling, stops = (temperature, top_k, top_p), set(stop_ids)
     with torch.autocast(device.type, enabled=False):
         slots = Slots(model, R, L, check_every, dtype, device)
