@@ -35,6 +35,8 @@ Cases on a text model (the default on the CPU: SmolLM2-135M-Instruct, float32):
     python bench.py --device cuda --json bench.json  # all four columns on every case
     python bench.py --device cuda --quick            # under 4 GPU minutes: ours fast on every case, the
                                                      # slow columns on one case each (columns_to_run)
+    python bench.py --device cuda --cases ragged --columns "ours fast" --attention varlen
+                                                     # the fast engine with flash attention over each row's own columns
     python bench.py --update [--device cuda]         # the update instead: grpo.step on paper-shaped rows,
                                                      # tokens/s, model FLOPs utilisation, peak memory
 """
@@ -50,6 +52,7 @@ import torch
 import transformers
 from transformers import CompileConfig
 
+import engine
 from sample import generate, kv_bytes_per_token, left_pad, load_model, stop_ids
 
 COLUMNS = ("ours fast", "ours eager", "HF dynamic", "HF static+compile")  # run in this order: slowest last
@@ -363,6 +366,8 @@ def main(argv=None):
     parser.add_argument("--columns", default=",".join(COLUMNS), help="columns to run (default: all four)")
     parser.add_argument("--quick", action="store_true",
                         help="fit in 4 GPU minutes: ours fast on every case, each slow column on one")
+    parser.add_argument("--attention", default=engine.ATTENTION, choices=("sdpa", "matmul", "varlen"),
+                        help="ours fast: the engine's attention (varlen: CUDA, bfloat16)")
     # output
     parser.add_argument("--json", default=None,
                         help="write every measured figure to this file, rewritten after each case")
@@ -380,6 +385,7 @@ def main(argv=None):
     gpu = args.device == "cuda"
     name = args.model or ("random:qwen3-1.7b" if gpu else "smollm2")
     dtype = "bfloat16" if gpu else "float32"
+    engine.ATTENTION = args.attention
     device_name = torch.cuda.get_device_name() if gpu else platform.processor() or "cpu"
     print(f"{device_name}, torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
     model, tok = load_model(name, args.device, dtype)

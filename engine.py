@@ -19,7 +19,8 @@ reference, and tests/test_engine.py checks that both give the same tokens. What 
   4. Attention reads each key/value head once: the g query heads that share it are matched as
      g queries of one head, (b, Hkv, g, D) against (b, Hkv, t, D), with no copy of K and V per
      query head (HF's repeat_kv); a row sees columns 0..pos of its own slot, through one additive
-     mask a step.
+     mask a step. ATTENTION = "varlen" (CUDA) reads each row's columns 0..pos and no more: each
+     (row, key/value head) is one sequence of torch's flash attention over packed sequences.
   5. The host looks at the new tokens every `check_every` steps (one sync), not after each
      token. A row that stopped in between runs on for the rest of the window in its own slot and
      the tokens after its stop are dropped.
@@ -35,6 +36,8 @@ Weights run in their own dtype (autocast is off inside): give it the bfloat16 sa
     python engine.py --model random:qwen3-1.7b --device cuda    # the same on a GPU (float32), graphs too
     python engine.py --model random:qwen3-1.7b --device cuda --dtype bfloat16 --profile 256,512
                                          # one decode step, and with one part changed; its kernels
+    python engine.py --model random:qwen3-1.7b --device cuda --dtype bfloat16 --attention varlen
+                                         # varlen attention: one step's logits against HF's forward
 """
 
 import argparse
@@ -49,7 +52,10 @@ from sample import KVCache, forward_last, left_pad, sample_next
 
 ARCHS = ("llama", "qwen2", "qwen3")  # config.model_type values whose forward is written below
 # "sdpa": torch's fused attention (one kernel; 1.0-1.2x "matmul" in bench's CPU cases); "matmul": the same
-# math in plain ops, two batched matmuls around a float32 softmax. Not yet compared on a GPU: --profile does
+# math in plain ops, two batched matmuls around a float32 softmax. Both read columns [0, t) of every row.
+# "varlen" (CUDA, bfloat16 / float16): flash attention that reads each row's own columns 0..pos only; on
+# bench's paper-shaped ragged case the others read 1.7x the K+V a row needs (bucketed t, free slots).
+# Not yet compared on a GPU: --profile and bench.py --attention do
 ATTENTION = "sdpa"
 LENGTH_BUCKET = 256  # CUDA graphs are captured for cache lengths that are multiples of this
 PREFILL_TOKENS = 16384  # padded prompt tokens a prefill forward (bounds its activations)
@@ -79,25 +85,45 @@ def rope(x, cos, sin_signed):
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
 
 
-def attend(attn, h, cos, sin, k_cache, v_cache, rows, pos, bias):
+def flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, used, scale):
+    """torch's flash attention over packed sequences (CUDA, bfloat16 / float16): the queries
+    q[cu_q[i] : cu_q[i+1]] of sequence i attend to its keys k[cu_k[i] : cu_k[i] + used[i]], the rest of
+    its keys unread. q (Tq, H, D), k and v (Tk, H, D); max_q, max_k bound the sequences' lengths.
+    torch.nn.attention.varlen.varlen_attn takes `used` (seqused_k) only from torch 2.12: call its op."""
+    if q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"varlen attention runs on CUDA in bfloat16 or float16, not {q.device.type} {q.dtype}: "
+                         "use sdpa or matmul attention")
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False,
+                                                   scale=scale, seqused_k=used)[0]
+
+
+def attend(attn, h, cos, sin, k_cache, v_cache, rows, pos, seen):
     """One new token a row: its key and value go to column pos of the row's slot, then its query
-    attends over the slot's columns, where bias (b, t) is 0, not -inf. k_cache, v_cache: (R, Hkv, L, D)."""
+    attends over the slot's columns 0..pos. k_cache, v_cache: (R, Hkv, L, D). seen, built once a step
+    (step_logits): for "sdpa" and "matmul" a bias (b, t), 0 where a row sees a column and -inf where
+    not; for "varlen" the packed sequences' offsets and lengths."""
     b, D = h.shape[0], attn.head_dim
     q = attn.q_proj(h).view(b, -1, D)  # (b, Hq, D)
     k = attn.k_proj(h).view(b, -1, D)  # (b, Hkv, D)
     v = attn.v_proj(h).view(b, -1, D)
     if hasattr(attn, "q_norm"):  # Qwen3 normalises each head's query and key before RoPE
         q, k = norm(attn.q_norm, q), norm(attn.k_norm, k)
-    Hq, Hkv, t = q.shape[1], k.shape[1], bias.shape[1]
+    Hq, Hkv = q.shape[1], k.shape[1]
     q, k = rope(torch.cat((q, k), 1), cos, sin).split((Hq, Hkv), 1)  # one RoPE for queries and keys
     k_cache[rows, :, pos] = k
     v_cache[rows, :, pos] = v
-    K, V = k_cache[:b, :, :t], v_cache[:b, :, :t]  # (b, Hkv, t, D) views: no copy
     q = q.reshape(b, Hkv, -1, D)  # (b, Hkv, g, D) query head j * g + i uses key/value head j, as repeat_kv
+    if ATTENTION == "varlen":  # a sequence a (row, key/value head): its g query heads are g queries of one head
+        cu_q, cu_k, used = seen
+        out = flash_varlen(q.reshape(-1, 1, D), k_cache[:b].view(-1, 1, D), v_cache[:b].view(-1, 1, D),
+                           cu_q, cu_k, q.shape[2], k_cache.shape[2], used, attn.scaling)  # (b * Hkv * g, 1, D)
+        return attn.o_proj(out.reshape(b, -1))
+    t = seen.shape[1]
+    K, V = k_cache[:b, :, :t], v_cache[:b, :, :t]  # (b, Hkv, t, D) views: no copy
     if ATTENTION == "sdpa":
-        out = F.scaled_dot_product_attention(q, K, V, attn_mask=bias[:, None, None, :], scale=attn.scaling)
+        out = F.scaled_dot_product_attention(q, K, V, attn_mask=seen[:, None, None, :], scale=attn.scaling)
     else:
-        scores = (q @ K.transpose(-1, -2)).float() * attn.scaling + bias[:, None, None, :]  # (b, Hkv, g, t)
+        scores = (q @ K.transpose(-1, -2)).float() * attn.scaling + seen[:, None, None, :]  # (b, Hkv, g, t)
         out = scores.softmax(-1).to(V.dtype) @ V  # (b, Hkv, g, D)
     return attn.o_proj(out.reshape(b, -1))
 
@@ -118,6 +144,7 @@ class Slots:
         self.u = torch.zeros(rows, dtype=torch.float64, device=device)
         self.new = torch.zeros(rows, check_every, dtype=torch.long, device=device)  # not yet seen by the host
         self.rows = torch.arange(rows, device=device)
+        self.seqs = torch.arange(rows * config.num_key_value_heads + 1, dtype=torch.int32, device=device)  # varlen's
         self.cols = torch.arange(length, device=device)
         # cos / sin of every position, computed by the model's own rotary module (any RoPE scaling it has)
         cos, sin = model.model.rotary_emb(self.k[0, 0, 0], self.cols[None])  # (1, L, D) in the cache dtype
@@ -131,11 +158,19 @@ def step_logits(model, slots, b, t):
     m, pos = model.model, slots.pos[:b]
     x = m.embed_tokens(slots.tok[:b])  # (b, H)
     cos, sin = slots.cos[pos][:, None], slots.sin[pos][:, None]  # (b, 1, D)
-    # a row sees its own columns 0..pos: an additive mask, built once a step for every layer
-    bias = torch.zeros(b, t, dtype=x.dtype, device=x.device).masked_fill_(slots.cols[:t] > pos[:, None], float("-inf"))
+    # a row sees its own columns 0..pos, built once a step for every layer: an additive mask over [0, t), or
+    # for varlen one sequence a (row, key/value head) pair, g queries each, its keys at L columns apart
+    if ATTENTION == "varlen":
+        _, _, Hkv, L, _ = slots.k.shape
+        seqs = slots.seqs[: b * Hkv + 1]
+        used = (pos + 1).int()[:, None].expand(b, Hkv).reshape(-1)
+        seen = seqs * (m.config.num_attention_heads // Hkv), seqs * L, used
+    else:
+        seen = torch.zeros(b, t, dtype=x.dtype, device=x.device).masked_fill_(slots.cols[:t] > pos[:, None],
+                                                                              float("-inf"))
     for i, layer in enumerate(m.layers):
         x = x + attend(layer.self_attn, norm(layer.input_layernorm, x), cos, sin, slots.k[i], slots.v[i],
-                       slots.rows[:b], pos, bias)
+                       slots.rows[:b], pos, seen)
         x = x + layer.mlp(norm(layer.post_attention_layernorm, x))
     return model.lm_head(norm(m.norm, x))
 
@@ -274,8 +309,11 @@ def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0,
                 break
             b = next(r for r in row_sizes if r > max(live))
             t = min(L, max(pos[s] for s in live) + check_every)
-            if cuda_graphs:
-                t = min(L, -(-t // LENGTH_BUCKET) * LENGTH_BUCKET)
+            if cuda_graphs:  # varlen reads each row to its own position, whatever t: one graph a row count
+                t = L if ATTENTION == "varlen" else min(L, -(-t // LENGTH_BUCKET) * LENGTH_BUCKET)
+            idle = [s for s in range(b) if seq[s] < 0]
+            if idle:  # free slots in the bucket run on at position 0, where they read (varlen) one column
+                slots.pos[idle] = 0
             step = lambda b=b, t=t: decode_step(model, slots, b, t, sampling)
             if cuda_graphs and (b, t) not in graphs:
                 graphs[b, t] = capture(step, slots, pool)
@@ -315,33 +353,41 @@ def step_check(model, prompt):
 
 def profile_step(model, rows, length):
     """Milliseconds of one decode step over `rows` slots reading `length` cache columns: as the engine
-    runs it, then with one thing changed (the other attention, argmax instead of sampling, HF's own
-    RMSNorm modules); on CUDA each a captured graph, then the step's kernels."""
+    runs it, then with one thing changed (another attention, argmax instead of sampling, HF's own
+    RMSNorm modules), each with its logits' largest difference from the engine's on the same step; on
+    CUDA each a captured graph, then the step's kernels."""
     device, dtype = model.device, next(model.parameters()).dtype
     slots = Slots(model, rows, 2 * length, 1, dtype, device)
     slots.tok.random_(model.config.vocab_size)
-    cuda = device.type == "cuda"
-    sampled, other = (1.0, 0, 1.0), "matmul" if ATTENTION == "sdpa" else "sdpa"
-    variants = (("as the engine runs", {}, sampled), (f"{other} attention", {"ATTENTION": other}, sampled),
+    tokens, cuda = slots.tok.clone(), device.type == "cuda"
+    sampled = (1.0, 0, 1.0)
+    others = [a for a in ("sdpa", "matmul", "varlen")
+              if a != ATTENTION and (a != "varlen" or cuda and dtype != torch.float32)]
+    variants = (("as the engine runs", {}, sampled), *((f"{a} attention", {"ATTENTION": a}, sampled) for a in others),
                 ("argmax, no sampling", {}, (0, 0, 1.0)),
                 ("HF's RMSNorm modules", {"norm": lambda module, x: module(x)}, sampled))
+    ours = None
     for name, changes, sampling in variants:
         saved = {key: globals()[key] for key in changes}
         globals().update(changes)
         try:
+            slots.tok.copy_(tokens)
+            slots.pos.fill_(length - 1 - 8)  # the same columns every time
+            logits = step_logits(model, slots, rows, length).float()
+            ours = logits if ours is None else ours  # the first variant's: the engine as it runs
             step = lambda: decode_step(model, slots, rows, length, sampling)
             run = capture(step, slots, torch.cuda.graph_pool_handle()).replay if cuda else step
             for k in range(23):  # 3 to warm up, 20 timed
                 if k == 3:
                     torch.cuda.synchronize() if cuda else None
                     t0 = time.perf_counter()
-                slots.pos.fill_(length - 1 - 8)  # the same columns every time
+                slots.pos.fill_(length - 1 - 8)
                 run()
             torch.cuda.synchronize() if cuda else None
         finally:
             globals().update(saved)
-        print(f"{rows} rows x {length} columns, {name:>20}: {(time.perf_counter() - t0) / 20 * 1e3:.2f} ms a step",
-              flush=True)
+        print(f"{rows} rows x {length} columns, {name:>20}: {(time.perf_counter() - t0) / 20 * 1e3:.2f} ms a step, "
+              f"logits within {(logits - ours).abs().max().item():.1e} of the engine's", flush=True)
     if cuda:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -364,7 +410,10 @@ if __name__ == "__main__":
     parser.add_argument("--max-new-tokens", type=int, default=64, help="longest completion")
     parser.add_argument("--max-rows", type=int, default=None, help="rows in flight (default: all)")
     parser.add_argument("--profile", default=None, help="ROWS,COLUMNS: time one decode step of this shape")
+    parser.add_argument("--attention", default=ATTENTION, choices=("sdpa", "matmul", "varlen"),
+                        help="the engine's attention (varlen: CUDA, bfloat16)")
     args = parser.parse_args()
+    ATTENTION = args.attention
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     if args.profile:
         with torch.no_grad():

@@ -11,13 +11,28 @@ from sample import generate, generate_eager, load_model, sampling_copy, sync_sam
 from test_sample import PROMPTS, hf_greedy, reference_probs
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
+def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, used, scale):
+    """engine.flash_varlen's contract, one packed sequence at a time: the queries q[cu_q[i] : cu_q[i+1]]
+    attend to the keys k[cu_k[i] : cu_k[i] + used[i]], within the bounds max_q and max_k."""
+    assert all(x.dtype == torch.int32 for x in (cu_q, cu_k, used)) and len(cu_q) == len(cu_k) == len(used) + 1
+    out = torch.full_like(q, float("nan"))
+    for i in range(len(used)):
+        qs, ks = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i] + used[i])
+        assert 0 < qs.stop - qs.start <= max_q and 0 < used[i] <= max_k and ks.stop <= cu_k[i + 1]
+        scores = torch.einsum("qhd,khd->hqk", q[qs], k[ks]) * scale
+        out[qs] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v[ks])
+    return out
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "matmul", "varlen"])
 @pytest.mark.parametrize("max_rows,check_every", [(None, 1), (3, 1), (3, 4), (1, 2)])
 def test_greedy_equals_hf_generate_with_refilled_slots_and_stops(model, tok, max_rows, check_every, attention,
                                                                  monkeypatch):
     # four prompts of different lengths, stop ids that end rows at different steps, fewer slots
-    # than sequences (slots are refilled) and windows of several steps between looks
+    # than sequences (slots are refilled) and windows of several steps between looks; varlen (flash
+    # attention, CUDA only) with the op replaced by a slow reference of its contract
     monkeypatch.setattr(engine, "ATTENTION", attention)
+    monkeypatch.setattr(engine, "flash_varlen", varlen_reference)
     ids = [tok.encode(t) for t in PROMPTS]
     free = hf_greedy(model, tok, PROMPTS, 24)
     stops = [free[0][5], free[2][11]]
