@@ -352,42 +352,49 @@ def step_check(model, prompt):
 
 
 def profile_step(model, rows, length):
-    """Milliseconds of one decode step over `rows` slots reading `length` cache columns: as the engine
-    runs it, then with one thing changed (another attention, argmax instead of sampling, HF's own
-    RMSNorm modules), each with its logits' largest difference from the engine's on the same step; on
-    CUDA each a captured graph, then the step's kernels."""
+    """Milliseconds of one decode step over `rows` slots reading `length` cache columns, as the engine
+    runs it and with one thing changed (another attention, argmax instead of sampling, HF's own RMSNorm
+    modules); rows all at position length - 9, then (each attention) spread evenly over positions up
+    to there, as on ragged rows. Each with its logits' largest difference from the first of its
+    positions; on CUDA each a captured graph, then the step's kernels. Returns a dict a variant."""
     device, dtype = model.device, next(model.parameters()).dtype
     slots = Slots(model, rows, 2 * length, 1, dtype, device)
     slots.tok.random_(model.config.vocab_size)
     tokens, cuda = slots.tok.clone(), device.type == "cuda"
+    last = length - 1 - 8
+    positions = {"equal": torch.full((rows,), last, device=device),
+                 "spread": torch.arange(1, rows + 1, device=device) * last // rows}
     sampled = (1.0, 0, 1.0)
-    others = [a for a in ("sdpa", "matmul", "varlen")
-              if a != ATTENTION and (a != "varlen" or cuda and dtype != torch.float32)]
-    variants = (("as the engine runs", {}, sampled), *((f"{a} attention", {"ATTENTION": a}, sampled) for a in others),
-                ("argmax, no sampling", {}, (0, 0, 1.0)),
-                ("HF's RMSNorm modules", {"norm": lambda module, x: module(x)}, sampled))
-    ours = None
-    for name, changes, sampling in variants:
+    attentions = [ATTENTION] + [a for a in ("sdpa", "matmul", "varlen")
+                                if a != ATTENTION and (a != "varlen" or cuda and dtype != torch.float32)]
+    variants = (*((f"{a} attention", {"ATTENTION": a}, sampled, "equal") for a in attentions),
+                ("argmax, no sampling", {}, (0, 0, 1.0), "equal"),
+                ("HF's RMSNorm modules", {"norm": lambda module, x: module(x)}, sampled, "equal"),
+                *((f"{a} attention", {"ATTENTION": a}, sampled, "spread") for a in attentions))
+    first, results = {}, []  # first: positions -> the logits of the first variant run at them (the engine as it runs)
+    for name, changes, sampling, at in variants:
         saved = {key: globals()[key] for key in changes}
         globals().update(changes)
         try:
             slots.tok.copy_(tokens)
-            slots.pos.fill_(length - 1 - 8)  # the same columns every time
+            slots.pos.copy_(positions[at])  # the same columns every time
             logits = step_logits(model, slots, rows, length).float()
-            ours = logits if ours is None else ours  # the first variant's: the engine as it runs
+            first.setdefault(at, logits)
             step = lambda: decode_step(model, slots, rows, length, sampling)
             run = capture(step, slots, torch.cuda.graph_pool_handle()).replay if cuda else step
             for k in range(23):  # 3 to warm up, 20 timed
                 if k == 3:
                     torch.cuda.synchronize() if cuda else None
                     t0 = time.perf_counter()
-                slots.pos.fill_(length - 1 - 8)
+                slots.pos.copy_(positions[at])
                 run()
             torch.cuda.synchronize() if cuda else None
         finally:
             globals().update(saved)
-        print(f"{rows} rows x {length} columns, {name:>20}: {(time.perf_counter() - t0) / 20 * 1e3:.2f} ms a step, "
-              f"logits within {(logits - ours).abs().max().item():.1e} of the engine's", flush=True)
+        results.append(dict(name=name, rows=at, ms=(time.perf_counter() - t0) / 20 * 1e3,
+                            diff=(logits - first[at]).abs().max().item()))
+        print("{} rows x {} columns, rows {rows:>6}, {name:>20}: {ms:6.2f} ms a step, logits within {diff:.1e} of the "
+              "first's".format(rows, length, **results[-1]), flush=True)
     if cuda:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -396,6 +403,7 @@ def profile_step(model, rows, length):
         kernels = prof.key_averages()
         print(f"{sum(e.count for e in kernels)} kernels a step")
         print(kernels.table(sort_by="self_cuda_time_total", row_limit=20))
+    return results
 
 
 if __name__ == "__main__":

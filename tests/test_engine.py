@@ -211,3 +211,16 @@ def test_smollm2_greedy_equals_hf_generate():
     for i, p in enumerate(ids):
         ref = model.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False)[0, len(p):].tolist()
         assert ours[2 * i] == ours[2 * i + 1] == ref[: len(ours[2 * i])]
+
+
+def test_profile_times_every_variant_of_the_same_step(monkeypatch):
+    # each attention, on rows at one position and on rows spread over positions, computes the step the
+    # engine computes; and the profile puts the tokens and positions back before each variant
+    model = tiny_model("qwen3")
+    with torch.no_grad():
+        results = engine.profile_step(model, 4, 32)
+    assert [(r["rows"], r["name"]) for r in results] == [
+        ("equal", "sdpa attention"), ("equal", "matmul attention"), ("equal", "argmax, no sampling"),
+        ("equal", "HF's RMSNorm modules"), ("spread", "sdpa attention"), ("spread", "matmul attention")]
+    assert all(r["diff"] < 1e-5 and r["ms"] > 0 for r in results)
+    assert results[2]["diff"] == results[3]["diff"] == 0  # the same attention: the same numbers
