@@ -52,9 +52,16 @@ def token_logprobs(model, input_ids, attention_mask, completion_mask, temperatur
     at V = 151k and T = 4k would be 2.5 GB a sequence.
     """
     assert not completion_mask[:, 0].any(), "token 0 has no context to be scored from"
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                 position_ids=position_ids, use_cache=False).last_hidden_state  # (B, T, H)
+    # Rows that all start at column 0 (micro-batches by a token budget) are scored as an unpadded batch, no mask
+    # and positions 0, 1, ...: causal attention keeps the padding after a row's end out of its real tokens.
+    # SDPA then runs plain causal attention (flash on CUDA, grouped queries without copying K and V) instead of
+    # a kernel reading a (B, 1, T, T) mask. (A mask of None with positions given would not do: transformers
+    # reads packed sequences from the positions and builds a mask again.)
+    if bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+        masks = {}
+    else:
+        masks = dict(attention_mask=attention_mask, position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0))
+    hidden = model.get_decoder()(input_ids=input_ids, use_cache=False, **masks).last_hidden_state  # (B, T, H)
     scored = completion_mask[:, 1:].bool()  # (B, T-1) targets x_1..x_{T-1}
     h = hidden[:, :-1][scored]  # (N, H) the state that predicts each completion token
     targets = input_ids[:, 1:][scored]  # (N,)

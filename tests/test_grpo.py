@@ -84,6 +84,29 @@ def test_token_logprobs_left_padded_equals_one_by_one():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_rows_aligned_at_column_0_are_scored_without_a_mask(monkeypatch):
+    # a token-budget micro-batch (rows sorted, moved to column 0, padded on the right) runs plain causal
+    # attention, with no mask for SDPA to read, and scores each row as the left-padded batch does
+    model = sample_model("tiny")
+    prompts, completions = random_batch()
+    ids, attn, comp = pad_batch(prompts, [c[: 2 + i] for i, c in enumerate(completions)])  # 5 to 8 tokens a row
+    aligned = next(Rollouts(ids, attn, comp, torch.zeros(len(ids))).micro_batches(None, 10**6))
+    assert not attn[:, 0].all() and not aligned.attention_mask[:, -1].all()  # padding on the left, then the right
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    spy = lambda *a, **k: calls.append((k.get("attn_mask"), k.get("is_causal"))) or sdpa(*a, **k)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        padded = token_logprobs(model, ids, attn, comp)
+        assert calls and all(mask is not None for mask, _ in calls)
+        calls.clear()
+        ours = token_logprobs(model, aligned.input_ids, aligned.attention_mask, aligned.completion_mask)
+    assert calls and all(mask is None and causal for mask, causal in calls)
+    real = lambda x, m: tuple(x[m.bool()].tolist())
+    want = {real(ids[b], attn[b]): padded[b][comp[b].bool()] for b in range(len(ids))}
+    for row, mask, c, logp in zip(aligned.input_ids, aligned.attention_mask, aligned.completion_mask, ours):
+        torch.testing.assert_close(logp[c.bool()], want[real(row, mask)], atol=1e-5, rtol=1e-5)
+
+
 def test_eos_equal_to_pad_stays_in_the_loss():
     eos = pad = 0
     model = tiny_model()
