@@ -366,7 +366,7 @@ def main(argv=None):
     parser.add_argument("--columns", default=",".join(COLUMNS), help="columns to run (default: all four)")
     parser.add_argument("--quick", action="store_true",
                         help="fit in 4 GPU minutes: ours fast on every case, each slow column on one")
-    parser.add_argument("--attention", default=engine.ATTENTION, choices=("sdpa", "matmul", "varlen"),
+    parser.add_argument("--attention", default=engine.ATTENTION, choices=engine.ATTENTIONS,
                         help="ours fast: the engine's attention (varlen: CUDA, bfloat16)")
     # output
     parser.add_argument("--json", default=None,

@@ -54,9 +54,11 @@ ARCHS = ("llama", "qwen2", "qwen3")  # config.model_type values whose forward is
 # "sdpa": torch's fused attention (one kernel; 1.0-1.2x "matmul" in bench's CPU cases); "matmul": the same
 # math in plain ops, two batched matmuls around a float32 softmax. Both read columns [0, t) of every row.
 # "varlen" (CUDA, bfloat16 / float16): flash attention that reads each row's own columns 0..pos only; on
-# bench's paper-shaped ragged case the others read 1.7x the K+V a row needs (bucketed t, free slots).
-# Not yet compared on a GPU: --profile and bench.py --attention do
+# bench's paper-shaped ragged case the others read 1.7x the K+V a row needs (bucketed t, free slots). But
+# flash's tiles of 128 queries hold only g real ones here, so it may turn compute-bound. Not yet compared
+# on a GPU: --profile and bench.py --attention do
 ATTENTION = "sdpa"
+ATTENTIONS = ("sdpa", "matmul", "varlen")
 LENGTH_BUCKET = 256  # CUDA graphs are captured for cache lengths that are multiples of this
 PREFILL_TOKENS = 16384  # padded prompt tokens a prefill forward (bounds its activations)
 PREFILL_AHEAD = 8  # prompts prefilled together when one is needed (their caches wait in a store)
@@ -365,7 +367,7 @@ def profile_step(model, rows, length):
     positions = {"equal": torch.full((rows,), last, device=device),
                  "spread": torch.arange(1, rows + 1, device=device) * last // rows}
     sampled = (1.0, 0, 1.0)
-    attentions = [ATTENTION] + [a for a in ("sdpa", "matmul", "varlen")
+    attentions = [ATTENTION] + [a for a in ATTENTIONS
                                 if a != ATTENTION and (a != "varlen" or cuda and dtype != torch.float32)]
     variants = (*((f"{a} attention", {"ATTENTION": a}, sampled, "equal") for a in attentions),
                 ("argmax, no sampling", {}, (0, 0, 1.0), "equal"),
@@ -418,7 +420,7 @@ if __name__ == "__main__":
     parser.add_argument("--max-new-tokens", type=int, default=64, help="longest completion")
     parser.add_argument("--max-rows", type=int, default=None, help="rows in flight (default: all)")
     parser.add_argument("--profile", default=None, help="ROWS,COLUMNS: time one decode step of this shape")
-    parser.add_argument("--attention", default=ATTENTION, choices=("sdpa", "matmul", "varlen"),
+    parser.add_argument("--attention", default=ATTENTION, choices=ATTENTIONS,
                         help="the engine's attention (varlen: CUDA, bfloat16)")
     args = parser.parse_args()
     ATTENTION = args.attention
