@@ -213,7 +213,7 @@ def test_smollm2_greedy_equals_hf_generate():
         assert ours[2 * i] == ours[2 * i + 1] == ref[: len(ours[2 * i])]
 
 
-def test_profile_times_every_variant_of_the_same_step(monkeypatch):
+def test_profile_times_every_variant_of_the_same_step():
     # each attention, on rows at one position and on rows spread over positions, computes the step the
     # engine computes; and the profile puts the tokens and positions back before each variant
     model = tiny_model("qwen3")
