@@ -42,6 +42,34 @@ def test_greedy_equals_hf_generate_with_refilled_slots_and_stops(model, tok, max
     assert len({len(r) for r in ours}) > 1
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "varlen"])
+def test_the_cuda_schedule_with_replays_standing_in_for_graphs(model, tok, attention, monkeypatch):
+    # what CUDA runs, here on the CPU: row counts bucketed to 1, 2, 4, 5 with free slots inside a bucket,
+    # cache lengths bucketed (varlen: one length, the whole cache), looks every 4 steps; each "graph"
+    # replays its step
+    monkeypatch.setattr(engine, "ATTENTION", attention)
+    monkeypatch.setattr(engine, "flash_varlen", varlen_reference)
+    monkeypatch.setattr(engine, "LENGTH_BUCKET", 16)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    captured = []
+
+    def capture(step, slots, pool):
+        captured.append(step.__defaults__)  # the step's (b, t)
+        return type("Replay", (), {"replay": staticmethod(step)})
+
+    monkeypatch.setattr(engine, "capture", capture)
+    ids = [tok.encode(t) for t in PROMPTS] * 2
+    free = hf_greedy(model, tok, PROMPTS, 24)
+    stops = [free[0][5], free[2][11]]
+    ours = engine.generate(model, ids, 24, temperature=0, stop_ids=stops, max_rows=5, check_every=4,
+                           cuda_graphs=True)
+    assert ours == hf_greedy(model, tok, PROMPTS, 24, eos=stops) * 2
+    L = -(-(max(map(len, ids)) + 24) // 16) * 16
+    assert len(set(captured)) == len(captured) and {b for b, _ in captured} <= {1, 2, 4, 5}
+    assert all(t == L for _, t in captured) if attention == "varlen" else \
+        all(t % 16 == 0 or t == L for _, t in captured) and len({t for _, t in captured}) > 1
+
+
 def test_n_samples_of_each_prompt_equal_the_eager_loop(model, tok):
     ids = [tok.encode(t) for t in PROMPTS]
     stops = [7, 100, 200]
