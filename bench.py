@@ -39,6 +39,7 @@ Cases on a text model (the default on the CPU: SmolLM2-135M-Instruct, float32):
                                                      # the fast engine with flash attention over each row's own columns
     python bench.py --update [--device cuda]         # the update instead: grpo.step on paper-shaped rows,
                                                      # tokens/s, model FLOPs utilisation, peak memory
+    python bench.py --update --device cuda --profile # and where the time goes: kernels, the GPU's busy share
 """
 
 import argparse
@@ -287,6 +288,27 @@ def paper_rows(rows, prompt_len, mean_completion, max_completion, vocab, seed):
     return batch, P, C
 
 
+def head(batch, rows):
+    """The first `rows` rows of a Rollouts."""
+    import grpo
+    return grpo.Rollouts(**{k: None if v is None else v[:rows] for k, v in vars(batch).items()})
+
+
+def profile_update(run, batch, device):
+    """run(batch) once under torch's profiler: on CUDA its kernels by time and the share of its wall
+    time the GPU was busy (the rest is the host, or a sync), returned; on the CPU its ops by time."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        seconds, _ = timed(lambda: run(batch), device)
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / 1e6 / seconds if cuda else None
+    print(f"  profiled on {len(batch.advantages)} rows: {seconds:.2f} s" +
+          (f", the GPU busy {busy:.0%} of it, {sum(e.count for e in events)} kernels" if cuda else ""), flush=True)
+    print(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=15), flush=True)
+    return busy
+
+
 def bench_update(args):
     """Time grpo.step on paper-shaped rows with and without gradient checkpointing; print and return
     tokens/s, model FLOPs utilisation and peak memory of each."""
@@ -324,7 +346,7 @@ def bench_update(args):
             with autocast:
                 estimate = grpo.activation_estimate(model)(budget)
                 if gpu:  # kernels and the allocator's pool, on two rows
-                    run(grpo.Rollouts(**{k: None if v is None else v[:2] for k, v in vars(batch).items()}))
+                    run(head(batch, 2))
                     torch.cuda.reset_peak_memory_stats()
                 seconds, stats = timed(lambda: run(batch), args.device)
         except torch.OutOfMemoryError:  # without checkpointing a big budget may not fit: keep the other figures
@@ -345,6 +367,9 @@ def bench_update(args):
               f"{r['tflops']:7.3g} TFLOP/s = {r['mfu']:.0%} of the matmul rate  padding {r['pad_share']:.1%}  "
               f"peak {'' if gpu else 'RSS '}{r['peak_gib']:.1f} GiB (activations estimated {estimate / 2**30:.1f})",
               flush=True)
+        if args.profile:
+            with autocast:
+                r["profiled_busy_share"] = profile_update(run, head(batch, 16 if gpu else 2), args.device)
         if args.json:  # after each, so a killed run keeps what it measured
             with open(args.json, "w") as f:
                 json.dump(dict(meta, results=results), f, indent=1)
@@ -378,6 +403,8 @@ def main(argv=None):
     parser.add_argument("--rows", type=int, default=None, help="--update: rows (default 128 on cuda, 4 on cpu)")
     parser.add_argument("--micro-batch-tokens", type=int, default=None,
                         help="--update: token budget of a micro-batch (default 16384 on cuda, 512 on cpu)")
+    parser.add_argument("--profile", action="store_true",
+                        help="--update: each setting's step again on 16 rows (cpu: 2) under torch's profiler")
     args = parser.parse_args(argv)
     if args.update:
         return bench_update(args)

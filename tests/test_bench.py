@@ -61,11 +61,13 @@ def test_update_flops_by_hand():
     assert bench.update_flops(config, [2], [1], kl=False) == 3 * 992
 
 
-def test_update_benchmark_on_the_tiny_model(tmp_path):
+def test_update_benchmark_on_the_tiny_model(tmp_path, capsys):
     path = tmp_path / "update.json"
     results = bench.main(["--update", "--model", "tiny", "--rows", "4", "--micro-batch-tokens", "128",
-                          "--json", str(path)])
+                          "--json", str(path), "--profile"])
     assert [r["checkpointing"] for r in results] == [True, False]
+    # each setting profiled again on 2 rows: the step's ops by time (on CUDA: its kernels)
+    assert capsys.readouterr().out.count("profiled on 2 rows") == 2
     for r in results:
         assert r["rows"] == 4 and r["tok_s"] > 0 and 0 < r["mfu"] and 0 <= r["pad_share"] < 0.5
     # checkpointing keeps fewer activations

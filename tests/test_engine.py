@@ -160,6 +160,26 @@ def test_decode_step_equals_the_hf_forward(model, tok):
     assert slots.tok.tolist() == ref.argmax(-1).tolist() and slots.pos.tolist() == [len(prompt) + 1] * 2
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
+def test_the_decode_step_at_qwen3_1_7b_shapes_reads_no_value_on_the_host(attention, monkeypatch):
+    # what a CUDA graph needs of the step, checked without a GPU: on the meta device (shapes, no values) any
+    # op that reads a value on the host (.item(), a Python `if` on a tensor) or whose shape depends on values
+    # (boolean indexing, nonzero) raises; real Qwen3-1.7B shapes in bfloat16, greedy and sampled with top-k
+    # and top-p (sort, scatter, the inverse CDF)
+    from sample import random_model
+
+    monkeypatch.setattr(engine, "ATTENTION", attention)
+    model = random_model("qwen3-1.7b", device="meta").to(torch.bfloat16)
+    slots = engine.Slots(model, 8, 64, 1, torch.bfloat16, model.device)
+    with torch.no_grad():
+        for sampling in ((0, 0, 1.0), (1.0, 20, 0.95)):
+            engine.decode_step(model, slots, 5, 32, sampling)
+            assert slots.tok.shape == slots.pos.shape == (8,) and slots.tok.dtype == slots.pos.dtype == torch.long
+    with pytest.raises(RuntimeError, match="meta"):  # the check bites: one host read in the step
+        monkeypatch.setattr(engine, "sample_next", lambda logits, *a, **k: logits.argmax(-1) * int(logits.max()))
+        engine.decode_step(model, slots, 5, 32, (0, 0, 1.0))
+
+
 def test_norm_and_rope_compute_what_hf_computes():
     from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
