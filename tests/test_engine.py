@@ -7,7 +7,8 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import engine
-from sample import generate, generate_eager, load_model, sampling_copy, sync_sampling_copy, tiny_model
+from sample import (generate, generate_eager, load_model, random_model, sampling_copy, sync_sampling_copy,
+                    tiny_model)
 from test_sample import PROMPTS, hf_greedy, reference_probs
 
 
@@ -166,8 +167,6 @@ def test_the_decode_step_at_qwen3_1_7b_shapes_reads_no_value_on_the_host(attenti
     # op that reads a value on the host (.item(), a Python `if` on a tensor) or whose shape depends on values
     # (boolean indexing, nonzero) raises; real Qwen3-1.7B shapes in bfloat16, greedy and sampled with top-k
     # and top-p (sort, scatter, the inverse CDF)
-    from sample import random_model
-
     monkeypatch.setattr(engine, "ATTENTION", attention)
     model = random_model("qwen3-1.7b", device="meta").to(torch.bfloat16)
     slots = engine.Slots(model, 8, 64, 1, torch.bfloat16, model.device)
@@ -175,8 +174,9 @@ def test_the_decode_step_at_qwen3_1_7b_shapes_reads_no_value_on_the_host(attenti
         for sampling in ((0, 0, 1.0), (1.0, 20, 0.95)):
             engine.decode_step(model, slots, 5, 32, sampling)
             assert slots.tok.shape == slots.pos.shape == (8,) and slots.tok.dtype == slots.pos.dtype == torch.long
-    with pytest.raises(RuntimeError, match="meta"):  # the check bites: one host read in the step
-        monkeypatch.setattr(engine, "sample_next", lambda logits, *a, **k: logits.argmax(-1) * int(logits.max()))
+    # the check bites: one host read planted in the step
+    monkeypatch.setattr(engine, "sample_next", lambda logits, *a, **k: logits.argmax(-1) * int(logits.max()))
+    with pytest.raises(RuntimeError, match="meta"):
         engine.decode_step(model, slots, 5, 32, (0, 0, 1.0))
 
 
