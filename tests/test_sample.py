@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sample import (default_kv_budget_gb, finished, generate, kv_bytes_per_token, load_model, random_model, rows_for_budget,
-                    sample_next, stop_ids, tiny_model)
+from sample import (cast_weights, default_kv_budget_gb, finished, generate, kv_bytes_per_token, load_model,
+                    random_model, rows_for_budget, sample_next, stop_ids, tiny_model)
 
 PROMPTS = ["What is 2 + 3?", "hi", "Tom has 4 apples and buys 7 more. How many now?", "x"]
 
@@ -184,6 +184,14 @@ def test_eager_max_rows_samples_whole_prompts_in_chunks(model, tok):
         generate(model, ids, 0)
 
 
+@pytest.mark.parametrize("engine", ["eager", "fast"])
+def test_sampling_settings_that_mean_nothing_are_refused(model, tok, engine):
+    # top_p 0 would mask every token (a NaN CDF, the last id drawn), a negative temperature invert the softmax
+    for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1)):
+        with pytest.raises(ValueError, match="sampling needs"):
+            generate(model, [tok.encode("abc")], 4, engine=engine, **bad)
+
+
 @pytest.mark.parametrize("name,total,non_embedding", [("qwen3-1.7b", 1.7e9, 1.4e9), ("qwen3-4b", 4.0e9, 3.6e9),
                                                       ("qwen3-8b", 8.2e9, 6.95e9)])
 def test_random_models_have_the_published_sizes(name, total, non_embedding):
@@ -201,7 +209,7 @@ def test_random_models_have_the_published_sizes(name, total, non_embedding):
 
 
 def test_kv_budget_by_hand():
-    model = random_model("qwen3-1.7b", device="meta").to(torch.bfloat16)
+    model = cast_weights(random_model("qwen3-1.7b", device="meta"), torch.bfloat16)
     # K and V, 28 layers, 8 KV heads of 128, 2 bytes: 2 * 28 * 8 * 128 * 2 = 114,688 bytes a token
     assert kv_bytes_per_token(model.config, torch.bfloat16) == 114_688
     # 10 GiB over rows of 1,000 tokens: 10 * 2**30 / 114,688,000 = 93.6 -> 93 rows; never below 1
