@@ -186,11 +186,15 @@ def resume_args(args, argv, saved):
 # One step: rollouts of both views, labels, rewards, the batch for GRPO
 
 
+def prompt_ids(tokenizer, system, user, args):
+    """Token ids of a rendered prompt."""
+    text = render_prompt(tokenizer, system, user, thinking_block=args.thinking_block)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def encode(tokenizer, system, user, args, qid):
     """Token ids of a rendered prompt; a prompt over --max-prompt-tokens is an error, not a silent cut."""
-    text = render_prompt(tokenizer, system, user, thinking_block=args.thinking_block)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    limit = args.max_prompt_tokens
+    ids, limit = prompt_ids(tokenizer, system, user, args), args.max_prompt_tokens
     if len(ids) > limit:
         raise SystemExit(f"question {qid}: prompt of {len(ids)} tokens is over --max-prompt-tokens {limit}")
     return ids
@@ -227,8 +231,14 @@ def rollout(sampler, tokenizer, rows, args, generator, stops):
     else:  # separate: one rewrite a question, then G solutions of the rewrite
         asks = [encode(tokenizer, REWRITE_SYSTEM, format_question(r), args, r["id"]) for r in rows]
         rewrites = [rewards.rewritten_problem(tokenizer.decode(o, skip_special_tokens=True)) for o in sample(asks, 1)]
-        # a rewrite that missed the layout falls back to the original wording (logged as a share)
-        prompts1 = [solver_prompt(tokenizer, r, args, x or r["problem"]) for r, x in zip(rows, rewrites)]
+        # a rewrite that missed the layout, or ran on so long that its solver prompt is over --max-prompt-tokens,
+        # falls back to the original wording (logged as the share rewrite_failed)
+        prompts1 = []
+        for i, (r, x) in enumerate(zip(rows, rewrites)):
+            ids = x and prompt_ids(tokenizer, *solver_messages({**r, "problem": x}), args)
+            if not ids or len(ids) > args.max_prompt_tokens:
+                rewrites[i], ids = None, prompts0[i]
+            prompts1.append(ids)
     comps = sample(prompts0 + prompts1)
     return prompts0, comps[: len(comps) // 2], prompts1, comps[len(comps) // 2 :], rewrites
 

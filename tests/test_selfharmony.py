@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import grpo
 import selfharmony
-from sample import tiny_model
+from sample import byte_tokenizer, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--data", "arith", "--arith-n", "4", "--batch-size", "2", "--n-rollouts", "4",
@@ -83,6 +83,26 @@ def test_each_rollout_is_rewarded_against_its_own_question():
     assert log["label_acc/hms"] == 1.0 and log["label_acc/mv"] == 0.75 and log["label_acc/mv0"] == 0.5
     assert log["hms_mv_agree"] == 0.5
     assert log["truncated0"] == 0.0 and log["truncated1"] == 1.0 and log["flat_groups"] == 1 / 4
+
+
+def test_a_rewrite_that_misses_the_layout_or_runs_on_falls_back_to_the_question(monkeypatch):
+    # separate reframing: question a's rewrite is fine, b's misses REWRITTEN PROBLEM, c's runs on so long that
+    # its solver prompt would be over --max-prompt-tokens (an error for a question, not for a model's rewrite)
+    tokenizer = byte_tokenizer()
+    rows = [{"id": q, "problem": f"{q}: 1 + 2?", "answer": "3"} for q in "abc"]
+    rewrites = ["Ann has 1 apple and gets 2.", None, "Ann has " + "many " * 120 + "apples."]
+    texts = [f"STRATEGY: story\nREWRITTEN PROBLEM: {x}\nSOLUTION: 3" if x else "SOLUTION: 3" for x in rewrites]
+
+    def fake_generate(model, prompts, max_new_tokens, n=1, **kw):  # the rewrites when asked for one a question
+        return [tokenizer.encode(t) for t in texts] if n == 1 else [[1]] * (len(prompts) * n)
+
+    monkeypatch.setattr(selfharmony, "generate", fake_generate)
+    args = selfharmony.parse_args(["--reframe", "separate", "--max-prompt-tokens", "600", "--n-rollouts", "2"])
+    prompts0, _, prompts1, comps1, got = selfharmony.rollout(None, tokenizer, rows, args, None, [])
+    assert got == [rewrites[0], None, None] and len(comps1) == 6
+    assert prompts1[1:] == prompts0[1:] and prompts1[0] != prompts0[0]
+    assert rewrites[0] in tokenizer.decode(prompts1[0]) and len(prompts1[0]) <= 600
+    assert len(selfharmony.solver_prompt(tokenizer, rows[2], args)) < 600  # c's own question fits
 
 
 def test_every_row_has_its_own_prompt_and_completion_mask():
