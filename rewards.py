@@ -8,6 +8,7 @@ for agreeing with y* too, and that reward is scaled down when its layout is inco
     R_fused(y'_i)  = (1 - w_f P_format(y'_i)) (1 - w_d P_div) 1[a'_i = y*]       (gated, default)
                    = 1[a'_i = y*] + w_f (1 - P_format(y'_i)) + w_d (1 - P_div)   (additive ablation)
     P_format(y')   = 1 - (# of STRATEGY / REWRITTEN PROBLEM / SOLUTION sections with content) / 3
+                     (SOLUTION's content holds the boxed answer that the layout asks for)
     P_div          = clip(1 - JSD(p0, p1) / ln 2, 0, 1)
 
 Gated, correctness is the gate: a well-formatted reframing with a wrong answer earns 0.
@@ -90,8 +91,8 @@ def div_penalty(answers0, answers1):
     """P_div = clip(1 - JSD(p0, p1) / ln 2, 0, 1), p0 and p1 the answer distributions of the two
     views. None answers are dropped first: P_div asks whether the views reach the same answers,
     not whether they fail to box them equally often. If a view gave no answer at all there is no
-    evidence that the reframing copied the original, so P_div = 0 (no penalty); this only matters
-    when view 0 is empty, since an empty view 1 earns 0 anyway."""
+    evidence that the reframing copied the original, so P_div = 0 (no penalty). Gated, this only
+    matters when view 0 is empty: an empty view 1 earns 0 anyway."""
     p0, p1 = _distribution(answers0), _distribution(answers1)
     if not p0 or not p1:
         return 0.0
