@@ -325,7 +325,7 @@ def summarize(rows, correct, answers, greedy=None):
 # Evaluation loop
 
 
-def evaluate(model, tokenizer, rows, *, n=16, temperature=0.8, top_p=0.95, max_new_tokens=1024,
+def evaluate(model, tokenizer, rows, *, n=16, temperature=0.8, top_p=0.95, max_new_tokens=3072,
              batch_size=8, seed=0, greedy=False, engine="eager", max_rows=None, thinking_block=False,
              on_records=None):
     """
@@ -434,7 +434,8 @@ def main(argv=None):
     p.add_argument("--n", type=number(int, 1), default=16, help="samples a question (the k of mean@k)")
     p.add_argument("--temperature", type=number(float, 0), default=0.8, help="sampling temperature")
     p.add_argument("--top-p", type=number(float, 0, 1, above=True), default=0.95, help="nucleus sampling mass")
-    p.add_argument("--max-new-tokens", type=number(int, 1), default=1024, help="longest completion")
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=3072,
+                   help="longest completion (the release's, and the training loop's evaluation's by default)")
     p.add_argument("--batch-size", type=number(int, 1), default=8, help="questions a generate call (each sampled n times)")
     p.add_argument("--engine", default=None, choices=("eager", "fast"),
                    help="sampler (default: fast on cuda, eager on cpu)")
