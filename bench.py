@@ -260,8 +260,8 @@ def update_flops(config, prompt_lengths, completion_lengths, kl=True):
     """Model FLOPs of one grpo.step: the policy's forward and backward (3 forwards' worth) and the
     reference's forward (1 more when kl), recomputation not counted. A forward costs, a token,
     2 x the decoder's matmul weights, 4 x heads x head_dim x its context for attention (scores
-    and the weighted sum; causal: its position), and 2 x hidden x vocabulary for the logits of a
-    completion token (only those are scored)."""
+    and the weighted sum; causal: the keys at its position and before, t + 1 at position t), and
+    2 x hidden x vocabulary for the logits of a completion token (only those are scored)."""
     h, layers = config.hidden_size, config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
     q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
@@ -269,7 +269,7 @@ def update_flops(config, prompt_lengths, completion_lengths, kl=True):
     forward = 0
     for P, C in zip(prompt_lengths, completion_lengths):
         T = P + C
-        forward += 2 * weights * T + layers * 4 * q * (T * (T - 1) // 2) + 2 * h * config.vocab_size * C
+        forward += 2 * weights * T + layers * 4 * q * (T * (T + 1) // 2) + 2 * h * config.vocab_size * C
     return (3 + kl) * forward
 
 

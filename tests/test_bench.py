@@ -56,9 +56,10 @@ def test_update_flops_by_hand():
     config = SimpleNamespace(hidden_size=4, num_hidden_layers=1, num_attention_heads=2, head_dim=2,
                              num_key_value_heads=1, intermediate_size=8, vocab_size=10)
     # matmul weights: q k v 4 x (4 + 2 + 2) + o 4 x 4 + mlp 3 x 4 x 8 = 144. One row of 2 + 1 tokens:
-    # 2 x 144 x 3 + attention 4 x 4 x (0 + 1 + 2) + logits 2 x 4 x 10 x 1 = 992 a forward; x 4 with the reference
-    assert bench.update_flops(config, [2], [1]) == 4 * 992
-    assert bench.update_flops(config, [2], [1], kl=False) == 3 * 992
+    # 2 x 144 x 3 + attention 4 x 4 x (1 + 2 + 3 keys) + logits 2 x 4 x 10 x 1 = 1040 a forward; x 4 with the
+    # reference
+    assert bench.update_flops(config, [2], [1]) == 4 * 1040
+    assert bench.update_flops(config, [2], [1], kl=False) == 3 * 1040
 
 
 def test_update_benchmark_on_the_tiny_model(tmp_path, capsys):
