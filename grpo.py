@@ -408,11 +408,25 @@ def shard(model):
     model's weights become DTensors holding this rank's shard; an optimiser built on them keeps
     AdamW's state sharded too. FSDP averages the gradients over ranks, so accumulate_gradients
     multiplies each rank's loss by the world size: its share of the global mean is then summed.
-    (set_gradient_divide_factor(1) would say the same, but gloo lacks the reduction it uses.)"""
+    (set_gradient_divide_factor(1) would say the same, but gloo lacks the reduction it uses.)
+    The root reshards after its forward too: FSDP2 keeps a root whole after forward by default, for
+    the backward that follows, and the reference runs forward only, so its root (embeddings and
+    lm_head, 4 GB at 8B in float32) would stay whole on every rank for good."""
     from torch.distributed.fsdp import fully_shard
     for layer in model.get_decoder().layers:
         fully_shard(layer)
-    return fully_shard(Scorer(model))
+    return fully_shard(Scorer(model), reshard_after_forward=True)
+
+
+def gathered_bytes(model):
+    """What a rank holds whole besides its shards while shard(model) runs forward and backward: the
+    root's weights (embeddings, final norm, lm_head: whole for the whole pass, as the root's forward
+    is the model's) and their gradients until they are reduced, and two decoder layers with theirs
+    (the one at work and the next, prefetched). Of the model before it is sharded."""
+    layers = model.get_decoder().layers
+    in_layers = {id(p) for p in layers.parameters()}
+    root = sum(p.nbytes for p in model.parameters() if id(p) not in in_layers)
+    return 2 * root + 2 * 2 * max(sum(p.nbytes for p in layer.parameters()) for layer in layers)
 
 
 if __name__ == "__main__":

@@ -426,17 +426,18 @@ def resident_bytes(model, sampler, ref_model, args, world):
             "reference": 0 if ref_model is None else P / shards}
 
 
-def memory_plan(parts, activations_at, sampler, args, world, device):
+def memory_plan(parts, activations_at, sampler, args, world, device, gathered=0):
     """The step's memory, estimated before the first one: (a line to print, whether it fits). What stays
     resident (`parts`, from resident_bytes), plus the larger of the rollouts' KV cache and the update's
     activations (activations_at, from grpo.activation_estimate; the sampler frees its cache before the
-    update)."""
+    update) with, under --fsdp, the weights and gradients FSDP holds whole (gathered, from
+    grpo.gathered_bytes)."""
     kv = (args.kv_cache_gb * 2**30 if args.kv_cache_gb else  # no budget: one view's rollouts at a time
           kv_bytes_per_token(sampler.config, next(sampler.parameters()).dtype) * args.batch_size // world
           * args.n_rollouts * (args.max_prompt_tokens + args.max_new_tokens))
     tokens = args.micro_batch_tokens or args.micro_batch * (args.max_prompt_tokens + args.max_new_tokens)
     activations = activations_at(tokens)
-    total = sum(parts.values()) + max(kv, activations)
+    total = sum(parts.values()) + max(kv, activations + gathered)
     if device.startswith("cuda"):
         have, where = torch.cuda.get_device_properties(device).total_memory, device
     else:
@@ -444,7 +445,8 @@ def memory_plan(parts, activations_at, sampler, args, world, device):
     gib = lambda x: f"{x / 2**30:.1f}"
     line = ("memory (GiB, estimated): " + " + ".join(f"{k} {gib(v)}" for k, v in parts.items() if v) +
             f", then the larger of the KV cache {gib(kv)} and the update's activations at {tokens} tokens a "
-            f"micro-batch {gib(activations)}: {gib(total)} of {gib(have)} on {where}")
+            f"micro-batch {gib(activations)}" + (f" plus FSDP's gathered units {gib(gathered)}" if gathered else "") +
+            f": {gib(total)} of {gib(have)} on {where}")
     if total <= have:
         return line, True
     switches = ["--grad-checkpointing"] if not args.grad_checkpointing else []
@@ -573,10 +575,11 @@ def main(argv=None):
     # measured once, where the model is now (under --fsdp, the CPU), in the update's compute dtype
     with torch.autocast(model.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
         activations_at = grpo.activation_estimate(model)
-    plan, fits = memory_plan(parts, activations_at, sampler, args, world, device)
+    gathered = grpo.gathered_bytes(model) if args.fsdp else 0
+    plan, fits = memory_plan(parts, activations_at, sampler, args, world, device, gathered)
     while auto_budget and not fits and args.micro_batch_tokens > 1024:  # the default budget halves until it fits
         args.micro_batch_tokens //= 2
-        plan, fits = memory_plan(parts, activations_at, sampler, args, world, device)
+        plan, fits = memory_plan(parts, activations_at, sampler, args, world, device, gathered)
     if master:
         print(plan)
     policy = model

@@ -164,6 +164,9 @@ def _update_on_rows(rows, out_path, fsdp=False):
     batch = selfharmony.make_batch([pairs[i] for i in rows], advantages[rows], pad_id=256,
                                    views=[views[i] for i in rows])
     grpo.step(policy, optimizer, batch, 2, ref, kl_coef=0.05, micro_batch_tokens=20 if fsdp else None)
+    if fsdp:  # every weight back to this rank's shard, the reference's root too (it ran forward only)
+        from torch.distributed.tensor import DTensor
+        assert all(isinstance(p, DTensor) for m in (policy, ref) for p in m.parameters())
     weights = {k: v.full_tensor() if fsdp else v for k, v in model.state_dict().items()}
     if out_path:
         torch.save(weights, out_path)
@@ -419,6 +422,12 @@ def test_memory_plan_adds_what_stays_and_names_the_switches_when_it_will_not_fit
     assert "the KV cache 0.5" in line and "sampling copy" not in line  # the CPU samples with the policy
     args.kv_cache_gb, args.fsdp = 1e6, True
     parts = selfharmony.resident_bytes(model, model, None, args, 2)
-    line, fits = selfharmony.memory_plan(parts, grpo.activation_estimate(model), model, args, 2, "cpu")
+    line, fits = selfharmony.memory_plan(parts, grpo.activation_estimate(model), model, args, 2, "cpu", 2**40)
     assert not fits and f"weights {gib(P / 2)}" in line  # under --fsdp, this rank's half
+    assert "plus FSDP's gathered units 1024.0" in line
+    # tiny: the root holds the (tied) embeddings 259 x 64 and the final norm 64; a layer 4 x 64 x 64 (q k v o: 4 heads,
+    # 2 key/value heads of 16, so k and v are 64 x 32), 3 x 64 x 128 (MLP), 2 norms of 64 and q / k norms of 16;
+    # float32. Root and its gradients, two layers and theirs
+    root, layer = 259 * 64 + 64, 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64 + 2 * 16
+    assert grpo.gathered_bytes(model) == 4 * (2 * root + 4 * layer)
     assert line.endswith("It will not fit: try --grad-checkpointing, a lower --micro-batch, a lower --kv-cache-gb")
