@@ -68,7 +68,8 @@ def token_logprobs(model, input_ids, attention_mask, completion_mask, temperatur
     lm_head = model.get_output_embeddings()  # may share its weight with the embeddings
 
     def chunk_logp(h, y):
-        logits = lm_head(h).float() / temperature  # (n, V)
+        logits = lm_head(h)  # (n, V), in float32 at least (float64 stays: the tests' references)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
         return logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1)  # (n,)
 
     parts = []
@@ -80,7 +81,7 @@ def token_logprobs(model, input_ids, attention_mask, completion_mask, temperatur
         else:
             parts.append(chunk_logp(h_i, y_i))
     logp = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)  # (N,)
-    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)  # (B, T)
+    out = torch.zeros(input_ids.shape, dtype=logp.dtype, device=input_ids.device)  # (B, T)
     return out.masked_scatter(completion_mask.bool(), logp)
 
 
