@@ -457,9 +457,9 @@ def main(argv=None):
                     torch.cuda.empty_cache()
                 continue
             print_row(timed_case, column, results[-1])
-        if args.json:  # after every case, so a killed run keeps what it measured
-            with open(args.json, "w") as f:
-                json.dump(dict(meta, results=results), f, indent=1)
+            if args.json:  # after every column, so a killed run keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump(dict(meta, results=results), f, indent=1)
     return results
 
 
