@@ -412,7 +412,7 @@ def shard(model):
     (set_gradient_divide_factor(1) would say the same, but gloo lacks the reduction it uses.)
     The root reshards after its forward too: FSDP2 keeps a root whole after forward by default, for
     the backward that follows, and the reference runs forward only, so its root (embeddings and
-    lm_head, 4 GB at 8B in float32) would stay whole on every rank for good."""
+    lm_head, 5 GB at 8B in float32) would stay whole on every rank for good."""
     from torch.distributed.fsdp import fully_shard
     for layer in model.get_decoder().layers:
         fully_shard(layer)
