@@ -252,6 +252,13 @@ def render_prompt(tokenizer, system, user, thinking_block=False):
     return f"System: {system}\n\nUser: {user}\n\nAssistant:"
 
 
+def prompt_ids(tokenizer, system, user, thinking_block=False):
+    """Token ids of render_prompt's text. The chat template already writes any BOS the model wants:
+    the tokenizer adds no second one."""
+    text = render_prompt(tokenizer, system, user, thinking_block=thinking_block)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 # -----------------------------------------------------------------------------
 # Grading and metrics (pure: lists in, numbers out)
 
@@ -337,9 +344,7 @@ def evaluate(model, tokenizer, rows, *, n=16, temperature=0.8, top_p=0.95, max_n
     """
     if not rows:
         raise ValueError("no questions to evaluate")
-    # the chat template already writes any BOS the model wants: add no second one
-    prompts = [tokenizer(render_prompt(tokenizer, *solver_messages(r), thinking_block=thinking_block),
-                         add_special_tokens=False)["input_ids"] for r in rows]
+    prompts = [prompt_ids(tokenizer, *solver_messages(r), thinking_block) for r in rows]
     stops, generator = sample.stop_ids(model, tokenizer), torch.Generator(model.device).manual_seed(seed)
     was_training = model.training
     model.eval()

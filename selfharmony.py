@@ -49,7 +49,7 @@ from tqdm import tqdm
 import grpo
 import hms
 import rewards
-from eval import (answer_of, evaluate, format_question, gold_answer, load_benchmark, number, render_prompt,
+from eval import (answer_of, evaluate, format_question, gold_answer, load_benchmark, number, prompt_ids,
                   solver_messages)
 from sample import (default_kv_budget_gb, finished, generate, kv_bytes_per_token, load_model, rows_for_budget,
                     sampling_copy, stop_ids, sync_sampling_copy)
@@ -186,15 +186,9 @@ def resume_args(args, argv, saved):
 # One step: rollouts of both views, labels, rewards, the batch for GRPO
 
 
-def prompt_ids(tokenizer, system, user, args):
-    """Token ids of a rendered prompt."""
-    text = render_prompt(tokenizer, system, user, thinking_block=args.thinking_block)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def encode(tokenizer, system, user, args, qid):
     """Token ids of a rendered prompt; a prompt over --max-prompt-tokens is an error, not a silent cut."""
-    ids, limit = prompt_ids(tokenizer, system, user, args), args.max_prompt_tokens
+    ids, limit = prompt_ids(tokenizer, system, user, args.thinking_block), args.max_prompt_tokens
     if len(ids) > limit:
         raise SystemExit(f"question {qid}: prompt of {len(ids)} tokens is over --max-prompt-tokens {limit}")
     return ids
@@ -235,7 +229,7 @@ def rollout(sampler, tokenizer, rows, args, generator, stops):
         # falls back to the original wording (logged as the share rewrite_failed)
         prompts1 = []
         for i, (r, x) in enumerate(zip(rows, rewrites)):
-            ids = x and prompt_ids(tokenizer, *solver_messages({**r, "problem": x}), args)
+            ids = x and prompt_ids(tokenizer, *solver_messages({**r, "problem": x}), args.thinking_block)
             if not ids or len(ids) > args.max_prompt_tokens:
                 rewrites[i], ids = None, prompts0[i]
             prompts1.append(ids)
