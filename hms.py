@@ -82,7 +82,8 @@ def extract_choice(text, n_options):
         return None
     letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:n_options]
     box = re.sub(r"\\[A-Za-z]+", " ", box)  # \text{D}: the command name must not hide the letter
-    m = re.search(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", box)
+    # standalone: no letter, digit or slash beside it (C12H12O2, N/A) and no degree sign before it (°C)
+    m = re.search(rf"(?<![A-Za-z0-9/°])([{letters}])(?![A-Za-z0-9/])", box)
     return m.group(1) if m else None
 
 # -----------------------------------------------------------------------------
@@ -99,7 +100,7 @@ _NOISE = [  # (pattern, replacement), applied in order
     (re.compile(r"\\?\$|\\?%"), ""),
     (re.compile(r"\\(?:mbox|textrm|textbf|textnormal|mathrm|mathbf)\{"), r"\\text{"),
 ]
-_UNIT = re.compile(r"\\text\{\s*[A-Za-z][A-Za-z .]*\}(?:\^\{?\d\}?)?\s*$")
+_UNIT = re.compile(r"\\text\{\s*[A-Za-z][A-Za-z .'/]*\}(?:\^\{?\d\}?)?\.?\s*$")  # km/h, people's; a period after
 _LEADING_NAME = re.compile(r"^(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?\s*(?:=|\\in(?![A-Za-z]))\s*(?=\S)")
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _BRACE_ARGS = [  # \frac12 -> \frac{1}{2}, \sqrt2 -> \sqrt{2}, x^{2} -> x^2

@@ -33,6 +33,7 @@ EQUAL = [
     (r"106^\circ", "106"), (r"120^\circ", r"120^{\circ}"), (r"90^\circ", r"90\text{ degrees}"),
     (r"\frac{270}7\text{ degrees}", r"\frac{270}{7}"), (r"15\mbox{ cm}^2", "15"),
     (r"864 \mbox{ inches}^2", "864"), (r"5.4 \text{ cents}", "5.4"), (r"5.4 \text{ cents}", r"\frac{27}{5}"),
+    (r"5.4 \text{ cents}", r"5.4 \text{ cents}."), ("18", r"18 \text{ km/h}"), ("18", r"18 \text{ people's}"),
     ("x=5", "5"), ("x=5", "x = 5"), (r"x \in [-2,7]", "[-2, 7]"), ("y = -2x", "-2x"), ("y = 2x + 3", "2x+3"),
     (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})"), (r"\left( \frac{3}{2}, -13 \right)", "(1.5,-13)"),
     (r"\left(\frac{3}{5},\frac{8}{3}\right]", r"(0.6, \frac83]"), (r"(-\infty, 0]", r"\left(-\infty,0\right]"),
@@ -142,6 +143,9 @@ def test_extract_choice():
     assert extract_choice(r"\boxed{E}", 4) is None
     assert extract_choice(r"\boxed{E}", 10) == "E"
     assert extract_choice(r"\boxed{42}", 4) is None
+    # a letter with a digit, slash or degree sign beside it is part of something else: no option
+    assert extract_choice(r"\boxed{C12H12O2}", 4) is None and extract_choice(r"\boxed{N/A}", 4) is None
+    assert extract_choice(r"\boxed{25 °C}", 4) is None and extract_choice(r"\boxed{B)}", 4) == "B"
     assert extract_choice("The answer is C", 4) is None
 
 
