@@ -101,7 +101,8 @@ _NOISE = [  # (pattern, replacement), applied in order
     (re.compile(r"\\(?:mbox|textrm|textbf|textnormal|mathrm|mathbf)\{"), r"\\text{"),
 ]
 _UNIT = re.compile(r"\\text\{\s*[A-Za-z][A-Za-z .'/]*\}(?:\^\{?\d\}?)?\.?\s*$")  # km/h, people's; a period after
-_LEADING_NAME = re.compile(r"^(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?\s*(?:=|\\in(?![A-Za-z]))\s*(?=\S)")
+_LEADING_NAME = re.compile(r"^(?:[A-Za-z]|\\[A-Za-z]+|\((?:\s*[A-Za-z]\s*,)+\s*[A-Za-z]\s*\))(?:_\{?\w+\}?)?\s*"
+                           r"(?:=|\\in(?![A-Za-z]))\s*(?=\S)")  # x =, \theta =, x \in, (a, b) =
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _BRACE_ARGS = [  # \frac12 -> \frac{1}{2}, \sqrt2 -> \sqrt{2}, x^{2} -> x^2
     (re.compile(r"\\frac([0-9A-Za-z])([0-9A-Za-z])"), r"\\frac{\1}{\2}"),
@@ -122,10 +123,11 @@ _RATIONAL = [
 
 def normalize_answer(s):
     """The canonical form of an answer string: LaTeX spacing, \\left/\\right, $, %, degrees,
-    \\text{} wrappers and trailing units, a leading `x =`, thousands separators (`{,}` anywhere,
-    commas in a lone number only) and a trailing period go; \\dfrac/\\tfrac -> \\frac with braced
-    arguments; bmatrix and plain matrix -> pmatrix; every number that stands alone (the whole
-    answer, or one entry of a tuple, interval or matrix) becomes an integer or a reduced "p/q".
+    \\text{} wrappers and trailing units, a leading `x =` or `(a, b) =`, thousands separators
+    (`{,}` anywhere, commas in a lone number only) and a trailing period go; \\dfrac/\\tfrac ->
+    \\frac with braced arguments; bmatrix and plain matrix -> pmatrix; every number that stands
+    alone (the whole answer, or one entry of a tuple, interval or matrix) becomes an integer or a
+    reduced "p/q".
     Order, signs, brackets and radicals are kept: it is a normal form, not an algebra system, so
     equal values written differently stay apart (`a+b` vs `b+a`, `\\sqrt8` vs `2\\sqrt2`,
     `\\frac{\\sqrt3}{3}` vs `\\frac{1}{\\sqrt3}`)."""

@@ -34,7 +34,7 @@ EQUAL = [
     (r"\frac{270}7\text{ degrees}", r"\frac{270}{7}"), (r"15\mbox{ cm}^2", "15"),
     (r"864 \mbox{ inches}^2", "864"), (r"5.4 \text{ cents}", "5.4"), (r"5.4 \text{ cents}", r"\frac{27}{5}"),
     (r"5.4 \text{ cents}", r"5.4 \text{ cents}."), ("18", r"18 \text{ km/h}"), ("18", r"18 \text{ people's}"),
-    ("x=5", "5"), ("x=5", "x = 5"), (r"x \in [-2,7]", "[-2, 7]"), ("y = -2x", "-2x"), ("y = 2x + 3", "2x+3"),
+    ("x=5", "5"), ("x=5", "x = 5"), ("(-2,1)", "(a,b) = (-2,1)"), ("(6,31,-1)", "(p, q, r) = (6, 31, -1)"), (r"x \in [-2,7]", "[-2, 7]"), ("y = -2x", "-2x"), ("y = 2x + 3", "2x+3"),
     (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})"), (r"\left( \frac{3}{2}, -13 \right)", "(1.5,-13)"),
     (r"\left(\frac{3}{5},\frac{8}{3}\right]", r"(0.6, \frac83]"), (r"(-\infty, 0]", r"\left(-\infty,0\right]"),
     (r"\text{(B)}", "B"), (r"\text{(C)}", "(C)"), (r"\text{Evelyn}", "Evelyn"), (r"\text{east}", "east"),
