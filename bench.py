@@ -392,7 +392,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="fit in 4 GPU minutes: ours fast on every case, each slow column on one")
     parser.add_argument("--attention", default=engine.ATTENTION, choices=engine.ATTENTIONS,
-                        help="ours fast: the engine's attention (varlen: CUDA, bfloat16)")
+                        help="ours fast: the engine's attention (default: varlen on CUDA in bfloat16, else sdpa)")
     # output
     parser.add_argument("--json", default=None,
                         help="write every measured figure to this file, rewritten after each case")

@@ -18,9 +18,10 @@ reference, and tests/test_engine.py checks that both give the same tokens. What 
      `sample.sample_next`, the eager path's own function, fed with uniforms drawn outside the graph.
   4. Attention reads each key/value head once: the g query heads that share it are matched as
      g queries of one head, (b, Hkv, g, D) against (b, Hkv, t, D), with no copy of K and V per
-     query head (HF's repeat_kv); a row sees columns 0..pos of its own slot, through one additive
-     mask a step. ATTENTION = "varlen" (CUDA) reads each row's columns 0..pos and no more: each
-     (row, key/value head) is one sequence of torch's flash attention over packed sequences.
+     query head (HF's repeat_kv). On the CPU (SDPA) a row sees columns 0..pos of its own slot
+     through one additive mask a step; on CUDA in bfloat16 ("varlen", the fastest measured) each
+     (row, key/value head) is one sequence of torch's flash attention over packed sequences, which
+     reads the row's columns 0..pos and no more.
   5. The host looks at the new tokens every `check_every` steps (one sync), not after each
      token. A row that stopped in between runs on for the rest of the window in its own slot and
      the tokens after its stop are dropped.
@@ -54,10 +55,10 @@ ARCHS = ("llama", "qwen2", "qwen3")  # config.model_type values whose forward is
 # "sdpa": torch's fused attention (one kernel; 1.0-1.2x "matmul" in bench's CPU cases); "matmul": the same
 # math in plain ops, two batched matmuls around a float32 softmax. Both read columns [0, t) of every row.
 # "varlen" (CUDA, bfloat16 / float16): flash attention that reads each row's own columns 0..pos only; on
-# bench's paper-shaped ragged case the others read 1.7x the K+V a row needs (bucketed t, free slots). But
-# flash's tiles of 128 queries hold only g real ones here, so it may turn compute-bound. Not yet compared
-# on a GPU: --profile and bench.py --attention do
-ATTENTION = "sdpa"
+# bench's paper-shaped ragged case the others read 1.7x the K+V a row needs (bucketed t, free slots).
+# Measured on an H200 (README): on the ragged case varlen 16.1k new tok/s, matmul 14.5k, sdpa 13.1k; on 256
+# equal rows varlen and matmul 21.2k, sdpa 19.5k. ATTENTION None: attention_for() picks by device and dtype
+ATTENTION = None
 ATTENTIONS = ("sdpa", "matmul", "varlen")
 LENGTH_BUCKET = 256  # CUDA graphs are captured for cache lengths that are multiples of this
 PREFILL_TOKENS = 16384  # padded prompt tokens a prefill forward (bounds its activations)
@@ -79,6 +80,14 @@ def norm(module, x):
     """HF's RMSNorm (Llama, Qwen2, Qwen3: x / rms(x) * weight, in float32) as torch's rms_norm: one fused
     kernel on CUDA where HF's code launches eight, four times a layer."""
     return F.rms_norm(x, x.shape[-1:], module.weight, module.variance_epsilon)
+
+
+def attention_for(x):
+    """The attention of a step on tensors like x: ATTENTION when set, else the fastest measured, "varlen"
+    on CUDA in bfloat16 / float16 and "sdpa" elsewhere (the CPU, float32)."""
+    if ATTENTION:
+        return ATTENTION
+    return "varlen" if x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16) else "sdpa"
 
 
 def rope(x, cos, sin_signed):
@@ -116,14 +125,15 @@ def attend(attn, h, cos, sin, k_cache, v_cache, rows, pos, seen):
     k_cache[rows, :, pos] = k
     v_cache[rows, :, pos] = v
     q = q.reshape(b, Hkv, -1, D)  # (b, Hkv, g, D) query head j * g + i uses key/value head j, as repeat_kv
-    if ATTENTION == "varlen":  # a sequence a (row, key/value head): its g query heads are g queries of one head
+    attention = attention_for(q)
+    if attention == "varlen":  # a sequence a (row, key/value head): its g query heads are g queries of one head
         cu_q, cu_k, used = seen
         out = flash_varlen(q.reshape(-1, 1, D), k_cache[:b].view(-1, 1, D), v_cache[:b].view(-1, 1, D),
                            cu_q, cu_k, q.shape[2], k_cache.shape[2], used, attn.scaling)  # (b * Hkv * g, 1, D)
         return attn.o_proj(out.reshape(b, -1))
     t = seen.shape[1]
     K, V = k_cache[:b, :, :t], v_cache[:b, :, :t]  # (b, Hkv, t, D) views: no copy
-    if ATTENTION == "sdpa":
+    if attention == "sdpa":
         out = F.scaled_dot_product_attention(q, K, V, attn_mask=seen[:, None, None, :], scale=attn.scaling)
     else:
         scores = (q @ K.transpose(-1, -2)).float() * attn.scaling + seen[:, None, None, :]  # (b, Hkv, g, t)
@@ -163,10 +173,10 @@ def step_logits(model, slots, b, t):
     cos, sin = slots.cos[pos][:, None], slots.sin[pos][:, None]  # (b, 1, D)
     # a row sees its own columns 0..pos, built once a step for every layer: an additive mask over [0, t), or
     # for varlen one sequence a (row, key/value head) pair, g queries each, its keys at L columns apart
-    if ATTENTION == "varlen":
+    if attention_for(x) == "varlen":
         _, _, Hkv, L, _ = slots.k.shape
         seqs = slots.seqs[: b * Hkv + 1]
-        used = (pos + 1).int()[:, None].expand(b, Hkv).reshape(-1)
+        used = (pos + 1).int()[:, None].expand(b, Hkv).contiguous().view(-1)  # contiguous, as flash needs
         seen = seqs * (m.config.num_attention_heads // Hkv), seqs * L, used
     else:
         seen = torch.zeros(b, t, dtype=x.dtype, device=x.device).masked_fill_(slots.cols[:t] > pos[:, None],
@@ -313,7 +323,7 @@ def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0,
             b = next(r for r in row_sizes if r > max(live))
             t = min(L, max(pos[s] for s in live) + check_every)
             if cuda_graphs:  # varlen reads each row to its own position, whatever t: one graph a row count
-                t = L if ATTENTION == "varlen" else min(L, -(-t // LENGTH_BUCKET) * LENGTH_BUCKET)
+                t = L if attention_for(slots.k) == "varlen" else min(L, -(-t // LENGTH_BUCKET) * LENGTH_BUCKET)
             idle = [s for s in range(b) if seq[s] < 0]
             if idle:  # free slots in the bucket run on at position 0, where they read (varlen) one column
                 slots.pos[idle] = 0
@@ -368,8 +378,8 @@ def profile_step(model, rows, length):
     positions = {"equal": torch.full((rows,), last, device=device),
                  "spread": torch.arange(1, rows + 1, device=device) * last // rows}
     sampled = (1.0, 0, 1.0)
-    attentions = [ATTENTION] + [a for a in ATTENTIONS
-                                if a != ATTENTION and (a != "varlen" or cuda and dtype != torch.float32)]
+    attentions = [attention_for(slots.k)] + [a for a in ATTENTIONS if a != attention_for(slots.k)
+                                             and (a != "varlen" or cuda and dtype != torch.float32)]
     variants = (*((f"{a} attention", {"ATTENTION": a}, sampled, "equal") for a in attentions),
                 ("argmax, no sampling", {}, (0, 0, 1.0), "equal"),
                 ("HF's RMSNorm modules", {"norm": lambda module, x: module(x)}, sampled, "equal"),
@@ -422,7 +432,7 @@ if __name__ == "__main__":
     parser.add_argument("--max-rows", type=int, default=None, help="rows in flight (default: all)")
     parser.add_argument("--profile", default=None, help="ROWS,COLUMNS: time one decode step of this shape")
     parser.add_argument("--attention", default=ATTENTION, choices=ATTENTIONS,
-                        help="the engine's attention (varlen: CUDA, bfloat16)")
+                        help="the engine's attention (default: varlen on CUDA in bfloat16, else sdpa)")
     args = parser.parse_args()
     ATTENTION = args.attention
     model, tokenizer = load_model(args.model, args.device, args.dtype)

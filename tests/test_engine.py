@@ -16,7 +16,8 @@ from test_sample import PROMPTS, hf_greedy, reference_probs
 def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, used, scale):
     """engine.flash_varlen's contract, one packed sequence at a time: the queries q[cu_q[i] : cu_q[i+1]]
     attend to the keys k[cu_k[i] : cu_k[i] + used[i]], within the bounds max_q and max_k."""
-    assert all(x.dtype == torch.int32 for x in (cu_q, cu_k, used)) and len(cu_q) == len(cu_k) == len(used) + 1
+    assert all(x.dtype == torch.int32 and x.is_contiguous() for x in (cu_q, cu_k, used))
+    assert len(cu_q) == len(cu_k) == len(used) + 1
     out = torch.full_like(q, float("nan"))
     for i in range(len(used)):
         qs, ks = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i] + used[i])
@@ -218,6 +219,17 @@ def test_norm_and_rope_compute_what_hf_computes():
 def test_buckets_and_supports():
     assert engine.buckets(1) == [1] and engine.buckets(6) == [1, 2, 4, 6] and engine.buckets(8) == [1, 2, 4, 8]
     assert engine.supports(tiny_model("qwen3")) and engine.supports(tiny_model("llama"))
+
+
+def test_the_attention_is_the_fastest_measured_unless_set(monkeypatch):
+    from types import SimpleNamespace
+    like = lambda device, dtype: SimpleNamespace(device=torch.device(device), dtype=dtype)  # a tensor's device, dtype
+    assert engine.ATTENTION is None
+    assert engine.attention_for(like("cuda", torch.bfloat16)) == "varlen"  # fastest on an H200 (README)
+    assert engine.attention_for(like("cuda", torch.float32)) == "sdpa"  # flash has no float32
+    assert engine.attention_for(like("cpu", torch.bfloat16)) == "sdpa"
+    monkeypatch.setattr(engine, "ATTENTION", "matmul")
+    assert engine.attention_for(like("cuda", torch.bfloat16)) == "matmul"
 
 
 def small(cls, config_cls, **kw):
