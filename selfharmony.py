@@ -29,6 +29,7 @@ only to measure, unless --selector gt.
 """
 
 import argparse
+import datetime
 import errno
 import json
 import math
@@ -149,7 +150,7 @@ def make_parser():
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="compute dtype of sampling and the update's autocast (default: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--seed", type=int, default=0, help="seed of data order and sampling")
+    p.add_argument("--seed", type=number(int, 0), default=0, help="seed of data order and sampling")
     return p
 
 
@@ -164,11 +165,16 @@ RUN_FLAGS = ("model", "data", "limit", "arith_n", "arith_seed", "arith_level", "
              "thinking_block", "temperature", "lr", "weight_decay", "warmup", "kl_coef", "clip_eps",
              "max_grad_norm", "loss_agg", "adv_scale", "steps", "epochs", "seed",
              "fsdp")  # not the run's maths, but the layout of AdamW's state in its checkpoint
+# the flags that steer a run's evaluation, logging, saving and memory as its user set them: --resume keeps
+# the run's unless given again (not those the start-up derives: --engine, --kv-cache-gb, --micro-batch-tokens)
+KEPT_FLAGS = ("data_dir", "eval_every", "eval_n", "eval_max_new_tokens", "no_eval", "log_texts", "save_every",
+              "save_minutes", "micro_batch", "grad_checkpointing", "dtype")
 
 
 def resume_args(args, argv, saved):
     """args with the run-defining flags of the run being resumed (`saved`, from its checkpoint); a
-    flag given on the command line with another value stops with the list of every difference."""
+    flag given on the command line with another value stops with the list of every difference. The
+    KEPT_FLAGS not given on the command line are the run's too."""
     argv = sys.argv[1:] if argv is None else argv
     flag = lambda k: "--" + k.replace("_", "-")
     named = lambda k: any(a == flag(k) or a.startswith(flag(k) + "=") for a in argv)  # the parser takes no abbreviations
@@ -177,7 +183,7 @@ def resume_args(args, argv, saved):
     if changed:
         raise SystemExit("--resume: these flags differ from the run's: " + "; ".join(changed) +
                          ". Drop them to continue the run, or start a new run in another --out-dir")
-    for k in RUN_FLAGS:
+    for k in RUN_FLAGS + tuple(k for k in KEPT_FLAGS if not named(k)):
         if k in saved:  # a checkpoint older than a flag keeps that flag's default
             setattr(args, k, saved[k])
     return args
@@ -490,8 +496,9 @@ def main(argv=None):
     ddp = "RANK" in os.environ
     if args.fsdp and not ddp:
         raise SystemExit("--fsdp shards the model over torchrun's ranks: run it under torchrun")
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
+    if ddp:  # rank 0 evaluates and saves alone while the others wait: longer than NCCL's 10-minute default
+        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo",
+                                timeout=datetime.timedelta(hours=3))
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     master = rank == 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -237,6 +237,7 @@ def test_the_loop_under_fsdp_stops_resumes_and_samples_what_the_replicated_loop_
 
 @pytest.mark.parametrize("argv, message", [
     (["--selector", "vote"], None),  # argparse: invalid choice
+    (["--seed", "-1"], "--seed: must be an integer >= 0"),  # numpy's generator takes no negative seed
     (["--data", "nope"], "unknown benchmark"),
     (["--data", "/no/such/file.jsonl"], "no such data file"),
     (["--max-prompt-tokens", "8"], "over --max-prompt-tokens 8"),
@@ -431,3 +432,11 @@ def test_memory_plan_adds_what_stays_and_names_the_switches_when_it_will_not_fit
     root, layer = 259 * 64 + 64, 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64 + 2 * 16
     assert grpo.gathered_bytes(model) == 4 * (2 * root + 4 * layer)
     assert line.endswith("It will not fit: try --grad-checkpointing, a lower --micro-batch, a lower --kv-cache-gb")
+
+
+def test_resume_keeps_the_runs_evaluation_and_saving_settings(tmp_path):
+    run = ["--out-dir", str(tmp_path)]
+    selfharmony.main(TINY + ["--steps", "2", "--stop-after", "1", "--eval-every", "1", "--eval-n", "3"] + run)
+    selfharmony.main(["--resume"] + run)  # no flag but the folder: the run's own settings, not the defaults
+    evals = [r for r in read_log(tmp_path) if "eval" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2] and all("mean@3" in r["eval"] for r in evals)
