@@ -614,7 +614,9 @@ def main(argv=None):
     log_path, texts_path = out_dir / "log.jsonl", out_dir / "samples.jsonl"
     if master:
         print(vars(args))
-        print(f"{len(questions)} questions, {args.batch_size} a step, {total_steps} steps, {world} rank(s), {device}")
+        left = len(questions) % args.batch_size  # each epoch is a new shuffle: other questions wait each time
+        print(f"{len(questions)} questions, {args.batch_size} a step, {total_steps} steps, {world} rank(s), {device}"
+              + (f"; each epoch's last {left} questions in its shuffled order wait for the next epoch" if left else ""))
 
     def log(row):
         with open(log_path, "a") as f:

@@ -440,3 +440,9 @@ def test_resume_keeps_the_runs_evaluation_and_saving_settings(tmp_path):
     selfharmony.main(["--resume"] + run)  # no flag but the folder: the run's own settings, not the defaults
     evals = [r for r in read_log(tmp_path) if "eval" in r]
     assert [r["step"] for r in evals] == [0, 1, 2] and all("mean@3" in r["eval"] for r in evals)
+
+
+def test_the_start_up_says_how_many_questions_wait_each_epoch(tmp_path, capsys):
+    selfharmony.main(TINY + ["--arith-n", "5", "--steps", "1", "--no-eval", "--out-dir", str(tmp_path)])
+    assert "5 questions, 2 a step" in (out := capsys.readouterr().out)
+    assert "each epoch's last 1 questions in its shuffled order wait for the next epoch" in out
