@@ -84,10 +84,13 @@ def norm(module, x):
 
 def attention_for(x):
     """The attention of a step on tensors like x: ATTENTION when set, else the fastest measured, "varlen"
-    on CUDA in bfloat16 / float16 and "sdpa" elsewhere (the CPU, float32)."""
+    on CUDA in bfloat16 / float16 where flash attention runs (compute capability 8.0 and up, Ampere on),
+    and "sdpa" elsewhere (the CPU, float32, older GPUs)."""
     if ATTENTION:
         return ATTENTION
-    return "varlen" if x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16) else "sdpa"
+    flash = (x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16)
+             and torch.cuda.get_device_capability(x.device)[0] >= 8)
+    return "varlen" if flash else "sdpa"
 
 
 def rope(x, cos, sin_signed):

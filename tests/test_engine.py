@@ -224,10 +224,14 @@ def test_buckets_and_supports():
 def test_the_attention_is_the_fastest_measured_unless_set(monkeypatch):
     from types import SimpleNamespace
     like = lambda device, dtype: SimpleNamespace(device=torch.device(device), dtype=dtype)  # a tensor's device, dtype
+    capability = (9, 0)  # an H100 / H200
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert engine.ATTENTION is None
     assert engine.attention_for(like("cuda", torch.bfloat16)) == "varlen"  # fastest on an H200 (README)
     assert engine.attention_for(like("cuda", torch.float32)) == "sdpa"  # flash has no float32
     assert engine.attention_for(like("cpu", torch.bfloat16)) == "sdpa"
+    capability = (7, 5)  # a T4: no flash attention
+    assert engine.attention_for(like("cuda", torch.float16)) == "sdpa"
     monkeypatch.setattr(engine, "ATTENTION", "matmul")
     assert engine.attention_for(like("cuda", torch.bfloat16)) == "matmul"
 
