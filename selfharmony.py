@@ -520,22 +520,31 @@ def main(argv=None):
     if not args.resume and any((out_dir / f).exists() for f in ("log.jsonl", "ckpt", "ckpt.old")):
         raise SystemExit(f"{out_dir} holds a run already: pass --resume to continue it, or another --out-dir")
     ckpt = out_dir / "ckpt" if (out_dir / "ckpt").exists() else out_dir / "ckpt.old"
+    saved = None  # the flags of the run being resumed
     if args.resume and not ckpt.exists():
         if not (out_dir / "log.jsonl").exists():
             raise SystemExit(f"--resume: no checkpoint in {out_dir}")
-        # killed before its first checkpoint: nothing to continue from, so the run starts over
-        print(f"--resume: {out_dir} has no checkpoint yet; the run starts over with these flags")
+        # killed before its first checkpoint: nothing to continue from, so the run starts over, with its own flags
+        print(f"--resume: {out_dir} has no checkpoint yet; the run starts over")
         for name in ("log.jsonl", "samples.jsonl"):
             (out_dir / name).unlink(missing_ok=True)
         args.resume = False
+        if (out_dir / "flags.json").exists():
+            saved = json.loads((out_dir / "flags.json").read_text())
     state = None
     if args.resume:  # read once: the run's flags now, the optimiser and schedule once they exist
         # mapped, not read: under FSDP every rank opens the whole AdamW state and keeps only its shard
         state = torch.load(ckpt / "trainer.pt", map_location="cpu", mmap=True, weights_only=False)
-        args = resume_args(args, argv, state["args"])
+        saved = state["args"]
+    if saved is not None:
+        args = resume_args(args, argv, saved)
         if args.fsdp and not ddp:
             raise SystemExit("this run was made with --fsdp: resume it under torchrun")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if master and not args.resume:  # the run's flags as given, for a --resume before its first checkpoint
+        tmp = out_dir / "flags.json.tmp"
+        tmp.write_text(json.dumps({k: getattr(args, k) for k in RUN_FLAGS + KEPT_FLAGS}))
+        os.replace(tmp, out_dir / "flags.json")
     torch.manual_seed(args.seed)
 
     try:

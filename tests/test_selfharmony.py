@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -446,3 +447,16 @@ def test_the_start_up_says_how_many_questions_wait_each_epoch(tmp_path, capsys):
     selfharmony.main(TINY + ["--arith-n", "5", "--steps", "1", "--no-eval", "--out-dir", str(tmp_path)])
     assert "5 questions, 2 a step" in (out := capsys.readouterr().out)
     assert "each epoch's last 1 questions in its shuffled order wait for the next epoch" in out
+
+
+def test_a_resume_before_the_first_checkpoint_starts_over_with_the_runs_flags(tmp_path):
+    run = ["--out-dir", str(tmp_path)]
+    selfharmony.main(TINY + ["--selector", "mv", "--steps", "2", "--stop-after", "1", "--no-eval"] + run)
+    shutil.rmtree(tmp_path / "ckpt")  # as if killed before its first checkpoint: a log, no checkpoint
+    selfharmony.main(["--resume"] + run)  # the default model would be Qwen3-1.7B: the run's is tiny
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2]
+    saved = torch.load(tmp_path / "ckpt" / "trainer.pt", weights_only=False)["args"]
+    assert saved["model"] == "tiny" and saved["selector"] == "mv" and saved["no_eval"]
+    with pytest.raises(SystemExit, match=r"--selector hms \(the run's: mv\)"):
+        shutil.rmtree(tmp_path / "ckpt")
+        selfharmony.main(["--resume", "--selector", "hms"] + run)
