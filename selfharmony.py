@@ -659,11 +659,11 @@ def main(argv=None):
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
 
-    if start == 0:
-        run_eval(0)
-    skips, last_save = 0, time.monotonic()
-    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not master, desc="train")
+    skips, last_save, step = 0, time.monotonic(), start - 1  # step: the one in progress, for the messages below
     try:
+        if start == 0:
+            run_eval(0)
+        bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not master, desc="train")
         for step in bar:
             indices, epoch = batch_indices(step, len(questions), args.batch_size, args.seed)
             rows = [questions[i] for i in indices[rank::world]]

@@ -460,3 +460,12 @@ def test_a_resume_before_the_first_checkpoint_starts_over_with_the_runs_flags(tm
     with pytest.raises(SystemExit, match=r"--selector hms \(the run's: mv\)"):
         shutil.rmtree(tmp_path / "ckpt")
         selfharmony.main(["--resume", "--selector", "hms"] + run)
+
+
+def test_a_second_ctrl_c_in_the_first_evaluation_is_one_line(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(selfharmony, "evaluate", interrupted)
+    with pytest.raises(SystemExit, match="interrupted in step 0; --resume"):
+        selfharmony.main(TINY + ["--steps", "1", "--out-dir", str(tmp_path)])
