@@ -40,6 +40,7 @@ Cases on a text model (the default on the CPU: SmolLM2-135M-Instruct, float32):
     python bench.py --update [--device cuda]         # the update instead: grpo.step on paper-shaped rows,
                                                      # tokens/s, model FLOPs utilisation, peak memory
     python bench.py --update --device cuda --profile # and where the time goes: kernels, the GPU's busy share
+    python bench.py --device cuda --compile [--update]  # with the decoder layers compiled (torch.compile)
 """
 
 import argparse
@@ -323,6 +324,8 @@ def bench_update(args):
     print(f"{device_name}, torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
     model, _ = load_model(name, args.device, torch.float32)  # float32 master weights, as the loop keeps them
     ref = grpo.make_reference(model, 0.005)
+    if args.compile:
+        grpo.compile_layers(model), grpo.compile_layers(ref)
     # the paper's shape on a GPU (128 rows, 250-token prompts, ~700-token completions up to 1024);
     # a small one on the CPU, so that the whole benchmark takes under a minute
     rows, prompt_len, mean_c, max_c = (args.rows or 128, 250, 700, 1024) if gpu else (args.rows or 4, 40, 80, 128)
@@ -337,7 +340,7 @@ def bench_update(args):
     autocast = torch.autocast(args.device, dtype=compute, enabled=compute != torch.float32)
     results, meta = [], dict(device=args.device, device_name=device_name, torch=torch.__version__,
                              transformers=transformers.__version__, model=name, matmul_flops=rate,
-                             update_flops=flops, micro_batch_tokens=budget)
+                             update_flops=flops, micro_batch_tokens=budget, compile=args.compile)
     for checkpointing in (True, False):
         grpo.set_checkpointing(model, checkpointing)
         optimizer = grpo.make_optimizer(model, lr=1e-7)
@@ -345,8 +348,9 @@ def bench_update(args):
         try:
             with autocast:
                 estimate = grpo.activation_estimate(model)(budget)
-                if gpu:  # kernels and the allocator's pool, on two rows
+                if gpu or args.compile:  # kernels, the allocator's pool and the compilation, on two rows
                     run(head(batch, 2))
+                if gpu:
                     torch.cuda.reset_peak_memory_stats()
                 seconds, stats = timed(lambda: run(batch), args.device)
         except torch.OutOfMemoryError:  # without checkpointing a big budget may not fit: keep the other figures
@@ -393,6 +397,9 @@ def main(argv=None):
                         help="fit in 4 GPU minutes: ours fast on every case, each slow column on one")
     parser.add_argument("--attention", default=engine.ATTENTION, choices=engine.ATTENTIONS,
                         help="ours fast: the engine's attention (default: varlen on CUDA in bfloat16, else sdpa)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decoder layers: the fast engine's decode step (engine.COMPILE), "
+                             "or with --update the update's (grpo.compile_layers); compilation in the warm-up")
     # output
     parser.add_argument("--json", default=None,
                         help="write every measured figure to this file, rewritten after each case")
@@ -412,7 +419,7 @@ def main(argv=None):
     gpu = args.device == "cuda"
     name = args.model or ("random:qwen3-1.7b" if gpu else "smollm2")
     dtype = "bfloat16" if gpu else "float32"
-    engine.ATTENTION = args.attention
+    engine.ATTENTION, engine.COMPILE = args.attention, args.compile
     device_name = torch.cuda.get_device_name() if gpu else platform.processor() or "cpu"
     print(f"{device_name}, torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
     model, tok = load_model(name, args.device, dtype)

@@ -42,6 +42,7 @@ Weights run in their own dtype (autocast is off inside): give it the bfloat16 sa
 """
 
 import argparse
+import functools
 import time
 from collections import deque
 from itertools import islice
@@ -62,6 +63,9 @@ ATTENTION = None
 ATTENTIONS = ("sdpa", "matmul", "varlen")
 LENGTH_BUCKET = 256  # CUDA graphs are captured for cache lengths that are multiples of this
 PREFILL_TOKENS = 16384  # padded prompt tokens a prefill forward (bounds its activations)
+# torch.compile each layer's step and the sampler (compiled): fewer, fused kernels a decode step, after a compilation
+# of tens of seconds at the first step. Off by default until measured on a GPU (README); the CPU gains little
+COMPILE = False
 PREFILL_AHEAD = 8  # prompts prefilled together when one is needed (their caches wait in a store)
 
 
@@ -112,11 +116,11 @@ def flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, used, scale):
                                                    scale=scale, seqused_k=used)[0]
 
 
-def attend(attn, h, cos, sin, k_cache, v_cache, rows, pos, seen):
+def attend(attn, h, cos, sin, k_cache, v_cache, rows, pos, seen, attention):
     """One new token a row: its key and value go to column pos of the row's slot, then its query
     attends over the slot's columns 0..pos. k_cache, v_cache: (R, Hkv, L, D). seen, built once a step
-    (step_logits): for "sdpa" and "matmul" a bias (b, t), 0 where a row sees a column and -inf where
-    not; for "varlen" the packed sequences' offsets and lengths."""
+    (step_logits) for the step's `attention`: for "sdpa" and "matmul" a bias (b, t), 0 where a row sees a
+    column and -inf where not; for "varlen" the packed sequences' offsets and lengths."""
     b, D = h.shape[0], attn.head_dim
     q = attn.q_proj(h).view(b, -1, D)  # (b, Hq, D)
     k = attn.k_proj(h).view(b, -1, D)  # (b, Hkv, D)
@@ -128,7 +132,6 @@ def attend(attn, h, cos, sin, k_cache, v_cache, rows, pos, seen):
     k_cache[rows, :, pos] = k
     v_cache[rows, :, pos] = v
     q = q.reshape(b, Hkv, -1, D)  # (b, Hkv, g, D) query head j * g + i uses key/value head j, as repeat_kv
-    attention = attention_for(q)
     if attention == "varlen":  # a sequence a (row, key/value head): its g query heads are g queries of one head
         cu_q, cu_k, used = seen
         out = flash_varlen(q.reshape(-1, 1, D), k_cache[:b].view(-1, 1, D), v_cache[:b].view(-1, 1, D),
@@ -168,6 +171,24 @@ class Slots:
         self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), -1)  # sin signed for rope()
 
 
+def layer_step(layer, x, cos, sin, k_cache, v_cache, rows, pos, seen, attention):
+    """One decoder layer on one new token a row (x: (b, H)): attention over the slots, then the MLP,
+    each added to the residual stream, as HF's decoder layer."""
+    x = x + attend(layer.self_attn, norm(layer.input_layernorm, x), cos, sin, k_cache, v_cache, rows, pos, seen,
+                   attention)
+    return x + layer.mlp(norm(layer.post_attention_layernorm, x))
+
+
+@functools.cache
+def compiled(fn):
+    """fn compiled by torch.compile (COMPILE: layer_step and the sampler): Inductor fuses a layer's norms,
+    RoPE, cache writes, residual adds and SiLU into a few kernels between its matmuls and its attention,
+    and the sampler's softmax and cumulative sum. One compilation serves every layer (their modules are
+    its inputs) and every row count (dynamic shapes); on CUDA the compiled kernels are captured into the
+    step's graph like any others."""
+    return torch.compile(fn, dynamic=True)
+
+
 def step_logits(model, slots, b, t):
     """The next-token logits (b, V) of slots[:b]'s tokens at their positions, reading cache columns
     [0, t); each row's key and value go to its column on the way. Fixed shapes, no host sync."""
@@ -176,7 +197,8 @@ def step_logits(model, slots, b, t):
     cos, sin = slots.cos[pos][:, None], slots.sin[pos][:, None]  # (b, 1, D)
     # a row sees its own columns 0..pos, built once a step for every layer: an additive mask over [0, t), or
     # for varlen one sequence a (row, key/value head) pair, g queries each, its keys at L columns apart
-    if attention_for(x) == "varlen":
+    attention = attention_for(x)
+    if attention == "varlen":
         _, _, Hkv, L, _ = slots.k.shape
         seqs = slots.seqs[: b * Hkv + 1]
         used = (pos + 1).int()[:, None].expand(b, Hkv).contiguous().view(-1)  # contiguous, as flash needs
@@ -184,10 +206,9 @@ def step_logits(model, slots, b, t):
     else:
         seen = torch.zeros(b, t, dtype=x.dtype, device=x.device).masked_fill_(slots.cols[:t] > pos[:, None],
                                                                               float("-inf"))
+    run = compiled(layer_step) if COMPILE else layer_step
     for i, layer in enumerate(m.layers):
-        x = x + attend(layer.self_attn, norm(layer.input_layernorm, x), cos, sin, slots.k[i], slots.v[i],
-                       slots.rows[:b], pos, seen)
-        x = x + layer.mlp(norm(layer.post_attention_layernorm, x))
+        x = run(layer, x, cos, sin, slots.k[i], slots.v[i], slots.rows[:b], pos, seen, attention)
     return model.lm_head(norm(m.norm, x))
 
 
@@ -195,7 +216,7 @@ def decode_step(model, slots, b, t, sampling):
     """Feed slots[:b]'s tokens at their positions, reading cache columns [0, t); sample each row's
     next token into slots.tok and advance slots.pos. Fixed shapes, no host sync: graph-capturable."""
     logits = step_logits(model, slots, b, t)
-    slots.tok[:b].copy_(sample_next(logits, *sampling, u=slots.u[:b]))
+    slots.tok[:b].copy_((compiled(sample_next) if COMPILE else sample_next)(logits, *sampling, u=slots.u[:b]))
     # a row that stopped runs on until the host looks: keep its writes inside its slot
     slots.pos[:b].add_(1).clamp_(max=slots.k.shape[3] - 1)
 
@@ -371,7 +392,7 @@ def profile_step(model, rows, length):
     """Milliseconds of one decode step over `rows` slots reading `length` cache columns, as the engine
     runs it and with one thing changed (another attention, argmax instead of sampling, HF's own RMSNorm
     modules); rows all at position length - 9, then (each attention) spread evenly over positions up
-    to there, as on ragged rows. Each with its logits' largest difference from the first of its
+    to there, as on ragged rows; and with COMPILE switched. Each with its logits' largest difference from the first of its
     positions; on CUDA each a captured graph, then the step's kernels. Returns a dict a variant."""
     device, dtype = model.device, next(model.parameters()).dtype
     slots = Slots(model, rows, 2 * length, 1, dtype, device)
@@ -386,6 +407,7 @@ def profile_step(model, rows, length):
     variants = (*((f"{a} attention", {"ATTENTION": a}, sampled, "equal") for a in attentions),
                 ("argmax, no sampling", {}, (0, 0, 1.0), "equal"),
                 ("HF's RMSNorm modules", {"norm": lambda module, x: module(x)}, sampled, "equal"),
+                ("torch.compile" if not COMPILE else "not compiled", {"COMPILE": not COMPILE}, sampled, "equal"),
                 *((f"{a} attention", {"ATTENTION": a}, sampled, "spread") for a in attentions))
     first, results = {}, []  # first: positions -> the logits of the first variant run at them (the engine as it runs)
     for name, changes, sampling, at in variants:
@@ -436,8 +458,9 @@ if __name__ == "__main__":
     parser.add_argument("--profile", default=None, help="ROWS,COLUMNS: time one decode step of this shape")
     parser.add_argument("--attention", default=ATTENTION, choices=ATTENTIONS,
                         help="the engine's attention (default: varlen on CUDA in bfloat16, else sdpa)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each layer's decode step (COMPILE)")
     args = parser.parse_args()
-    ATTENTION = args.attention
+    ATTENTION, COMPILE = args.attention, args.compile
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     if args.profile:
         with torch.no_grad():

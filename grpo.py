@@ -335,6 +335,19 @@ def set_checkpointing(model, on):
     getattr(model, f"{name}_checkpointing_{'enable' if on else 'disable'}")()
 
 
+def compile_layers(model):
+    """torch.compile each decoder layer's forward in place (regional compilation, the loop's --compile): in
+    forward and backward Inductor fuses a layer's norms, RoPE, SiLU, residual adds and autocast's casts
+    between its matmuls. The layer's hooks (checkpointing's, FSDP's) stay outside, in eager code. One
+    compilation serves every layer and every micro-batch shape (dynamic shapes); the recomputation under
+    checkpointing and a no-grad forward (the reference) get one each. The gradient is the eager one up to
+    rounding (tests/test_grpo.py). Call it after copying model (the reference, the sampling copy): a copy
+    would call the original's layers. Returns model."""
+    for layer in model.get_decoder().layers:
+        layer.forward = torch.compile(layer.forward, dynamic=True)
+    return model
+
+
 def is_checkpointing(model):
     """Whether set_checkpointing(model, True) is in force."""
     name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"

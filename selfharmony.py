@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from tqdm import tqdm
 
+import engine
 import grpo
 import hms
 import rewards
@@ -128,6 +129,10 @@ def make_parser():
                    help="rows sorted by length, as many a pass as fill this many row x column slots (0: off; "
                         "default on cuda 16384, halved until the memory estimate fits; on cpu 0)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (saves memory)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoder layers, in the update (grpo.compile_layers) and in the fast "
+                        "engine's decode step (engine.COMPILE): fewer, fused kernels after tens of seconds of "
+                        "compilation")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the weights, gradients, AdamW state and reference over the ranks "
                         "(FSDP2); each rank samples with a whole copy in the compute dtype")
@@ -410,10 +415,22 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step, args,
         free = shutil.disk_usage(out_dir).free / 2**30
         raise SystemExit(f"could not write the checkpoint of step {step} to {out_dir} ({str(e).strip()[:200]}); "
                          f"{free:.1f} GiB free there. The last checkpoint stands: free some space, then --resume")
+    sync(tmp)  # on disk before the rename, so that a crash or power cut never leaves a renamed, half-written ckpt
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
+    sync(out_dir)  # and the renames themselves
     shutil.rmtree(old, ignore_errors=True)
+
+
+def sync(folder):
+    """fsync a folder's files and the folder itself: written data reaches the disk, not only the page cache."""
+    for path in [*(p for p in folder.iterdir() if p.is_file()), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def resident_bytes(model, sampler, ref_model, args, world):
@@ -592,6 +609,11 @@ def main(argv=None):
         plan, fits = memory_plan(parts, activations_at, sampler, args, world, device, gathered)
     if master:
         print(plan)
+    if args.compile:  # after the sampling copy and the reference were made (a copy would call these layers)
+        for m in (model, ref_model):
+            if m is not None:
+                grpo.compile_layers(m)
+        engine.COMPILE = True
     policy = model
     if args.fsdp:  # this rank keeps a shard of the weights (and so of AdamW's state); `model` holds them
         policy = grpo.shard(model)
@@ -646,18 +668,18 @@ def main(argv=None):
         if ddp:
             dist.barrier()
 
-    # Ctrl-C (or SIGTERM from a scheduler) finishes the step in progress, saves, and exits;
-    # a second Ctrl-C stops at once
-    stop_requested = []
+    # Ctrl-C (or SIGTERM from a scheduler) finishes the step in progress, saves, and exits with the shell's
+    # status for that signal (130, 143), so a wrapper script or a scheduler sees a run cut short; a second
+    # Ctrl-C stops at once
+    stop_requested = []  # why the run stops early: the signal's number, or 0 for --stop-after
 
-    def on_signal(*_):
+    def on_signal(signum, _):
         if stop_requested:
             raise KeyboardInterrupt
-        stop_requested.append(1)
+        stop_requested.append(signum)
         print("\nstopping after this step (Ctrl-C again to stop now)")
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     skips, last_save, step = 0, time.monotonic(), start - 1  # step: the one in progress, for the messages below
     try:
@@ -707,16 +729,16 @@ def main(argv=None):
                                  "--max-grad-norm, or --resume from the last checkpoint")
 
             done = step + 1 == total_steps
-            if args.stop_after and step + 1 - start >= args.stop_after and not done:
-                stop_requested.append(1)
+            if args.stop_after and step + 1 - start >= args.stop_after and not done and not stop_requested:
+                stop_requested.append(0)
             if args.eval_every and (step + 1) % args.eval_every == 0 and not done:
                 run_eval(step + 1)
             due = ((args.save_every and (step + 1) % args.save_every == 0)
                    or (args.save_minutes and time.monotonic() - last_save >= 60 * args.save_minutes))
             if ddp:  # rank 0's clock and signals decide for all: every rank must reach the same collectives
-                decision = [due, bool(stop_requested)]
+                decision = [due, stop_requested[:1]]
                 dist.broadcast_object_list(decision, src=0)
-                due, stop_requested[:] = decision[0], [1] if decision[1] else []
+                due, stop_requested[:] = decision
             if stop_requested or done or due:
                 if master or args.fsdp:
                     save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step + 1, args, master)
@@ -743,8 +765,13 @@ def main(argv=None):
     except KeyboardInterrupt:  # the second Ctrl-C: checkpoints are written atomically, so the last one stands
         raise SystemExit(f"interrupted in step {step + 1}; --resume --out-dir {out_dir} continues from the last "
                          "checkpoint")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if ddp:
         dist.destroy_process_group()
+    if stop_requested and stop_requested[0]:  # stopped by a signal, the checkpoint written
+        raise SystemExit(128 + stop_requested[0])
 
 
 if __name__ == "__main__":

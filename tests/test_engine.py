@@ -320,6 +320,29 @@ def test_profile_times_every_variant_of_the_same_step():
         results = engine.profile_step(model, 4, 32)
     assert [(r["rows"], r["name"]) for r in results] == [
         ("equal", "sdpa attention"), ("equal", "matmul attention"), ("equal", "argmax, no sampling"),
-        ("equal", "HF's RMSNorm modules"), ("spread", "sdpa attention"), ("spread", "matmul attention")]
+        ("equal", "HF's RMSNorm modules"), ("equal", "torch.compile"), ("spread", "sdpa attention"),
+        ("spread", "matmul attention")]
     assert all(r["diff"] < 1e-5 and r["ms"] > 0 for r in results)
     assert results[2]["diff"] == results[3]["diff"] == 0  # the same attention: the same numbers
+
+
+def test_compiled_layers_and_sampler_compute_the_eager_step(model, tok, monkeypatch):
+    # engine.COMPILE: each layer's step and the sampler through torch.compile (Inductor, here its CPU code) give
+    # the logits of the eager step and the same greedy and sampled tokens, with slots refilled and row counts
+    # changing (dynamic shapes)
+    from torch._dynamo.utils import counters
+    ids = [tok.encode(t) for t in PROMPTS]
+    slots = engine.Slots(model, 3, 48, 1, torch.float32, torch.device("cpu"))
+    slots.tok.random_(200, generator=torch.Generator().manual_seed(0))
+    slots.pos[:] = torch.tensor([5, 17, 30])
+    with torch.no_grad():
+        eager_logits = engine.step_logits(model, slots, 3, 32)
+        seeded = lambda: dict(n=2, top_k=50, top_p=0.9, generator=torch.Generator().manual_seed(0))
+        eager = engine.generate(model, ids, 16, temperature=0, max_rows=3)
+        eager_sampled = engine.generate(model, ids, 16, max_rows=3, **seeded())
+        monkeypatch.setattr(engine, "COMPILE", True)
+        compiled_logits = engine.step_logits(model, slots, 3, 32)
+        assert engine.generate(model, ids, 16, temperature=0, max_rows=3) == eager
+        assert engine.generate(model, ids, 16, max_rows=3, **seeded()) == eager_sampled
+    torch.testing.assert_close(compiled_logits, eager_logits, atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] > 0  # Inductor really ran

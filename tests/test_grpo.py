@@ -406,3 +406,25 @@ def test_activation_estimate_grows_with_tokens_and_shrinks_with_checkpointing():
     kept = activation_estimate(model)(4096) - logits(4096)
     assert is_checkpointing(model) and not model.training  # put back as it was
     assert kept < full[4096] / 2.5
+
+
+def test_compiled_layers_give_the_eager_gradient_under_checkpointing():
+    # compile_layers (--compile): the decoder layers through torch.compile (Inductor's CPU code here), recomputed
+    # in backward by checkpointing, scored by a compiled reference too: the eager step's gradient and loss
+    from grpo import compile_layers, set_checkpointing
+    from torch._dynamo.utils import counters
+    model, ref_model = tiny_model(tie=True), tiny_model(seed=5)
+    batch = rollouts_for(model)
+    set_checkpointing(model, True)
+    model.train()
+    results = []
+    for compiled in (False, True):
+        if compiled:
+            compile_layers(model), compile_layers(ref_model)
+        model.zero_grad(set_to_none=True)
+        stats = accumulate_gradients(model, batch, None, ref_model, kl_coef=0.1, micro_batch_tokens=20)
+        results.append((stats["loss"], [p.grad.clone() for p in model.parameters()]))
+    assert counters["stats"]["unique_graphs"] > 0  # Inductor really ran
+    assert math.isclose(results[0][0], results[1][0], rel_tol=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -183,6 +184,37 @@ def test_resume_refuses_changed_run_flags_and_takes_the_rest_from_the_run(tmp_pa
     # no run flag given: model (also the KL reference), data and steps come from the checkpoint
     selfharmony.main(["--resume"] + run)
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_with_the_signals_status(tmp_path, monkeypatch):
+    # a scheduler's SIGTERM during step 1: the step ends, the checkpoint is written, the exit status is 143
+    # (128 + SIGTERM), so a wrapper sees a run cut short; the handlers are put back; --resume goes on
+    real = selfharmony.train_step
+
+    def step_then_sigterm(*args, **kwargs):
+        out = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(selfharmony, "train_step", step_then_sigterm)
+    run, before = ["--no-eval", "--out-dir", str(tmp_path)], signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        selfharmony.main(TINY + ["--steps", "3"] + run)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert [r["step"] for r in read_log(tmp_path)] == [1] and (tmp_path / "ckpt" / "trainer.pt").exists()
+    monkeypatch.setattr(selfharmony, "train_step", real)
+    selfharmony.main(["--resume"] + run)  # returns: a finished run exits 0
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
+
+
+def test_a_checkpoint_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd)))
+    selfharmony.main(TINY + ["--steps", "1", "--no-eval", "--out-dir", str(tmp_path)])
+    files = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert {"trainer.pt", "config.json", "model.safetensors"} <= files
+    assert {str(tmp_path / "ckpt.tmp" / f) for f in files} | {str(tmp_path)} <= set(synced)
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
