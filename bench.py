@@ -352,6 +352,7 @@ def bench_update(args):
                     run(head(batch, 2))
                 if gpu:
                     torch.cuda.reset_peak_memory_stats()
+                    torch.cuda.reset_accumulated_memory_stats()  # the retries counted below: the timed step's
                 seconds, stats = timed(lambda: run(batch), args.device)
         except torch.OutOfMemoryError:  # without checkpointing a big budget may not fit: keep the other figures
             print(f"checkpointing {'on ' if checkpointing else 'off'}: out of memory at {budget} tokens a "
@@ -363,14 +364,16 @@ def bench_update(args):
             continue
         # the CPU has no allocator statistics: the process's peak resident memory (KiB on Linux)
         peak = torch.cuda.max_memory_allocated() if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        # the allocator's retries: a cudaMalloc that failed, so the cache was freed (a device sync) and tried again
+        retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if gpu else None
         r = dict(checkpointing=checkpointing, rows=rows, tokens=tokens, seconds=seconds, tok_s=tokens / seconds,
                  tflops=flops / seconds / 1e12, mfu=flops / seconds / rate, pad_share=stats["pad_share"],
-                 peak_gib=peak / 2**30, activations_estimate_gib=estimate / 2**30)
+                 peak_gib=peak / 2**30, activations_estimate_gib=estimate / 2**30, alloc_retries=retries)
         results.append(r)
         print(f"checkpointing {'on ' if checkpointing else 'off'}: {seconds:6.2f} s  {r['tok_s']:9.0f} tok/s  "
               f"{r['tflops']:7.3g} TFLOP/s = {r['mfu']:.0%} of the matmul rate  padding {r['pad_share']:.1%}  "
-              f"peak {'' if gpu else 'RSS '}{r['peak_gib']:.1f} GiB (activations estimated {estimate / 2**30:.1f})",
-              flush=True)
+              f"peak {'' if gpu else 'RSS '}{r['peak_gib']:.1f} GiB (activations estimated {estimate / 2**30:.1f})"
+              + (f"  allocator retries {retries}" if gpu else ""), flush=True)
         if args.profile:
             with autocast:
                 r["profiled_busy_share"] = profile_update(run, head(batch, 16 if gpu else 2), args.device)

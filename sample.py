@@ -250,8 +250,10 @@ def kv_bytes_per_token(config, dtype):
 
 
 def rows_for_budget(model, budget_gb, max_len):
-    """How many sequences of up to max_len tokens (prompt + completion) a KV cache of budget_gb holds."""
-    per_row = kv_bytes_per_token(model.config, next(model.parameters()).dtype) * max_len
+    """How many sequences of up to max_len tokens (prompt + completion) a KV cache of budget_gb holds, at
+    the fast engine's columns a row: max_len rounded up to a multiple of 16. (Its prefill also holds the
+    keys and values of at most engine.PREFILL_TOKENS prompt tokens for a moment, outside the budget.)"""
+    per_row = kv_bytes_per_token(model.config, next(model.parameters()).dtype) * (-(-max_len // 16) * 16)
     return max(1, int(budget_gb * 2**30 // per_row))
 
 

@@ -212,6 +212,8 @@ def test_kv_budget_by_hand():
     model = cast_weights(random_model("qwen3-1.7b", device="meta"), torch.bfloat16)
     # K and V, 28 layers, 8 KV heads of 128, 2 bytes: 2 * 28 * 8 * 128 * 2 = 114,688 bytes a token
     assert kv_bytes_per_token(model.config, torch.bfloat16) == 114_688
-    # 10 GiB over rows of 1,000 tokens: 10 * 2**30 / 114,688,000 = 93.6 -> 93 rows; never below 1
-    assert rows_for_budget(model, 10, 1000) == 93 and rows_for_budget(model, 1e-6, 1000) == 1
+    # 10 GiB over rows of 1,000 tokens, 1,008 columns in the fast engine's cache (a multiple of 16):
+    # 10 * 2**30 / (114,688 * 1,008) = 92.9 -> 92 rows; never below 1
+    assert rows_for_budget(model, 10, 1000) == 92 and rows_for_budget(model, 1e-6, 1000) == 1
+    assert rows_for_budget(model, 10, 1008) == 92 and rows_for_budget(model, 10, 992) == 94  # 10 * 2**30 / 113,770,496
     assert default_kv_budget_gb("cpu") is None
