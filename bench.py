@@ -19,6 +19,9 @@ The figures of each column:
                (W * steps + kv * sum over rows of sum_{j<k} (L + j)) / bandwidth
            with W the bytes of the weights, kv the K+V bytes of one token over all layers, L a row's
            prompt length and k its new tokens. 1.0 is a perfectly memory-bound decoder.
+ours fast also prints, on a line of its own, where its wall time went (engine.generate's stats):
+prefill, graph capture, and the decode steps' own ms a step with the host's work between them,
+the figure to set beside `engine.py --profile`'s isolated step.
 
 Cases on a random-weight model (the default on CUDA: Qwen3-1.7B's shapes in bf16), random prompts:
   equal-B       B rows, each its own 250-token prompt, 256 new tokens forced (no stop ids);
@@ -177,16 +180,19 @@ def hf_generate(model, prompts, max_new, n, stops, pad_id, seed, static=False):
     return [r[: next((i + 1 for i, t in enumerate(r) if t in stops), len(r))] for r in rows]
 
 
-def run_column(column, model, case, pad_id, seed):
-    """The new tokens of every row of `case` (prompt-major), drawn the way `column` draws them."""
+def run_column(column, model, case, pad_id, seed, stats=None):
+    """The new tokens of every row of `case` (prompt-major), drawn the way `column` draws them; ours fast
+    fills `stats` with where its time went (engine.generate)."""
     if column.startswith("HF"):  # HF keeps a row in flight to the end: max_rows means calls of fewer prompts
         chunk, static = max(1, case.rows_in_flight // case.n), column == "HF static+compile"
         return [r for i in range(0, len(case.prompts), chunk)
                 for r in hf_generate(model, case.prompts[i : i + chunk], case.max_new, case.n, case.stops,
                                      pad_id, seed + i, static)]
-    g = torch.Generator(model.device).manual_seed(seed)
-    return generate(model, case.prompts, case.max_new, n=case.n, stop_ids=case.stops, generator=g,
-                    engine=column.removeprefix("ours "), max_rows=case.max_rows)
+    kw = dict(n=case.n, stop_ids=case.stops, generator=torch.Generator(model.device).manual_seed(seed),
+              max_rows=case.max_rows)
+    if column == "ours fast" and stats is not None and engine.supports(model):  # what generate(engine="fast") runs
+        return engine.generate(model, case.prompts, case.max_new, stats=stats, **kw)
+    return generate(model, case.prompts, case.max_new, engine=column.removeprefix("ours "), **kw)
 
 
 def warm_up_on_shapes(column, model, case, pad_id, device):
@@ -233,7 +239,15 @@ def measure(column, model, case, pad_id, seed, w_bytes, kv_bytes, bandwidth, dev
     warm = warm_up_on_shapes(column, model, case, pad_id, device) if column in SHAPED else None
     if column == "HF static+compile":
         print(f"  ({column}: compile and warm-up on {case.name}'s shapes took {warm:.1f} s)", flush=True)
-    seconds, rows = timed(lambda: run_column(column, model, case, pad_id, seed), device)
+    stats = {}
+    seconds, rows = timed(lambda: run_column(column, model, case, pad_id, seed, stats), device)
+    if stats:  # ours fast: the decode steps' own time, without prefill and graph capture
+        decode = seconds - stats.get("prefill_s", 0) - stats.get("capture_s", 0)
+        stats["decode_ms_step"] = 1000 * decode / stats["steps"]
+        print(f"  (ours fast: prefill {stats.get('prefill_s', 0):.2f} s, {stats['graphs']} graphs captured in "
+              f"{stats.get('capture_s', 0):.2f} s, {stats['steps']} decode steps at {stats['decode_ms_step']:.2f} ms "
+              f"with the host's work, {stats['live_rows'] / stats['steps']:.0f} live rows of "
+              f"{stats['bucket_rows'] / stats['steps']:.0f} computed a step)", flush=True)
     lengths = [len(r) for r in rows]
     prompt_lengths = [len(p) for p in case.prompts for _ in range(case.n)]  # prompt-major, as the rows
     steps = decode_steps(lengths, case.rows_in_flight)
@@ -241,7 +255,7 @@ def measure(column, model, case, pad_id, seed, w_bytes, kv_bytes, bandwidth, dev
     return dict(case=case.name, column=column, rows=len(rows), prompt_len=max(prompt_lengths),
                 mean_new=sum(lengths) / len(rows), seconds=seconds, decode_steps=steps,
                 tok_s=sum(lengths) / seconds, ms_step=1000 * seconds / steps, floor_share=floor / seconds,
-                warm_up_s=warm)
+                warm_up_s=warm, engine=stats or None)
 
 
 # -----------------------------------------------------------------------------

@@ -271,16 +271,30 @@ def buckets(rows):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0, top_k=0, stop_ids=(),
-             generator=None, max_rows=None, check_every=None, cuda_graphs=None, progress=None):
+             generator=None, max_rows=None, check_every=None, cuda_graphs=None, progress=None, stats=None):
     """
     sample.generate's contract (len(prompts) * n token lists, prompt-major, each cut after its first
     stop id or at max_new_tokens) over a pool of at most max_rows slots. check_every: decode steps
     between two looks of the host (default 8 on CUDA, 1 on the CPU); cuda_graphs: capture the decode
     step (default: on CUDA). On the CPU the buckets are exact sizes (no graphs to reuse). progress:
-    called with the number of sequences that have just ended.
+    called with the number of sequences that have just ended. stats: a dict to fill with where the
+    time went (bench.py): seconds in prefill and in graph capture (each with its warm-up step), the graphs
+    captured, the decode steps run and the rows they computed (bucket_rows, of which live_rows were
+    sequences in flight); the device is synchronised around each timed part.
     """
     device, dtype = model.device, next(model.parameters()).dtype
     cuda = device.type == "cuda"
+
+    def timed(part, fn, *args):  # fn(*args), its seconds added to stats[part] when stats are asked for
+        if stats is None:
+            return fn(*args)
+        torch.cuda.synchronize() if cuda else None
+        t0 = time.perf_counter()
+        out = fn(*args)
+        torch.cuda.synchronize() if cuda else None
+        stats[part] = stats.get(part, 0.0) + time.perf_counter() - t0
+        return out
+
     cuda_graphs = cuda if cuda_graphs is None else cuda_graphs
     check_every = check_every or (8 if cuda else 1)
     N = len(prompts) * n  # sequence i is sample i % n of prompt i // n
@@ -306,7 +320,7 @@ def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0,
             if need:  # prefill these prompts, and the next ones in the queue while at it
                 upcoming = dict.fromkeys(i // n for i in islice(waiting, PREFILL_AHEAD * n))
                 need += [p for p in upcoming if p not in store and p not in need][: max(0, PREFILL_AHEAD - len(need))]
-                store.update(zip(need, prefill(model, [prompts[p] for p in need], dtype)))
+                store.update(zip(need, timed("prefill_s", prefill, model, [prompts[p] for p in need], dtype)))
             first = sample_next(torch.stack([store[i // n][2] for i in take]), *sampling, generator=generator)
             for s, i in zip(free, take):
                 k, v, _ = store[i // n]
@@ -353,13 +367,16 @@ def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0,
                 slots.pos[idle] = 0
             step = lambda b=b, t=t: decode_step(model, slots, b, t, sampling)
             if cuda_graphs and (b, t) not in graphs:
-                graphs[b, t] = capture(step, slots, pool)
+                graphs[b, t] = timed("capture_s", capture, step, slots, pool)
             for j in range(check_every):
                 if temperature > 0:
                     slots.u[:b].uniform_(generator=generator)
                 graphs[b, t].replay() if cuda_graphs else step()
                 slots.new[:, j] = slots.tok
             new = slots.new[:b].tolist()  # note: the one CPU-GPU sync of a window
+            if stats is not None:  # decode steps, and the rows they computed: the bucket's and the live ones
+                for key, k in (("steps", 1), ("bucket_rows", b), ("live_rows", len(live))):
+                    stats[key] = stats.get(key, 0) + k * check_every
             for s in live:
                 row = out[seq[s]]
                 for token in new[s]:
@@ -370,6 +387,8 @@ def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0,
                             progress(1)
                         break
                 pos[s] += check_every
+    if stats is not None:
+        stats["graphs"] = len(graphs)
     return out
 
 

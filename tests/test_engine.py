@@ -346,3 +346,14 @@ def test_compiled_layers_and_sampler_compute_the_eager_step(model, tok, monkeypa
         assert engine.generate(model, ids, 16, max_rows=3, **seeded()) == eager_sampled
     torch.testing.assert_close(compiled_logits, eager_logits, atol=1e-5, rtol=1e-5)
     assert counters["stats"]["unique_graphs"] > 0  # Inductor really ran
+
+
+def test_stats_count_the_decode_steps_and_rows(model, tok):
+    # with a look every step, each live row of a step gets one token there (its first came from the prefill)
+    ids = [tok.encode(t) for t in PROMPTS]
+    stats = {}
+    out = engine.generate(model, ids, 12, n=2, temperature=0, stop_ids=[7, 100], max_rows=3, stats=stats)
+    assert stats["live_rows"] == sum(len(r) - 1 for r in out) and stats["steps"] >= max(map(len, out)) - 1
+    assert stats["live_rows"] <= stats["bucket_rows"] <= 3 * stats["steps"]
+    assert stats["prefill_s"] > 0 and stats["graphs"] == 0 and "capture_s" not in stats  # the CPU: no graphs
+    assert out == engine.generate(model, ids, 12, n=2, temperature=0, stop_ids=[7, 100], max_rows=3)
