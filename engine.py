@@ -21,7 +21,8 @@ reference, and tests/test_engine.py checks that both give the same tokens. What 
      query head (HF's repeat_kv). On the CPU (SDPA) a row sees columns 0..pos of its own slot
      through one additive mask a step; on CUDA in bfloat16 ("varlen", the fastest measured) each
      (row, key/value head) is one sequence of torch's flash attention over packed sequences, which
-     reads the row's columns 0..pos and no more.
+     reads the row's columns 0..pos and no more. "flex" (FlexAttention, a block mask a step) also
+     reads a row's own blocks only.
   5. The host looks at the new tokens every `check_every` steps (one sync), not after each
      token. A row that stopped in between runs on for the rest of the window in its own slot and
      the tokens after its stop are dropped.
@@ -39,6 +40,8 @@ Weights run in their own dtype (autocast is off inside): give it the bfloat16 sa
                                          # one decode step, and with one part changed; its kernels
     python engine.py --model random:qwen3-1.7b --device cuda --dtype bfloat16 --attention varlen
                                          # varlen attention: one step's logits against HF's forward
+    python engine.py --model random:qwen3-1.7b --device cuda --dtype bfloat16 --attention flex --compile
+                                         # FlexAttention, the layers and the sampler compiled
 """
 
 import argparse
@@ -58,9 +61,12 @@ ARCHS = ("llama", "qwen2", "qwen3")  # config.model_type values whose forward is
 # "varlen" (CUDA, bfloat16 / float16): flash attention that reads each row's own columns 0..pos only; on
 # bench's paper-shaped ragged case the others read 1.7x the K+V a row needs (bucketed t, free slots).
 # Measured on an H200 (README): on the ragged case varlen 16.1k new tok/s, matmul 14.5k, sdpa 13.1k; on 256
-# equal rows varlen and matmul 21.2k, sdpa 19.5k. ATTENTION None: attention_for() picks by device and dtype
+# equal rows varlen and matmul 21.2k, sdpa 19.5k. "flex": FlexAttention (compiled on CUDA), which also reads
+# each row's own columns only, with a decoding kernel that packs the g query heads of a key/value head into one
+# tile; not yet timed on a GPU. ATTENTION None: attention_for() picks by device and dtype
 ATTENTION = None
-ATTENTIONS = ("sdpa", "matmul", "varlen")
+ATTENTIONS = ("sdpa", "matmul", "varlen", "flex")
+FLEX_BLOCK = 128  # columns a FlexAttention key/value block
 LENGTH_BUCKET = 256  # CUDA graphs are captured for cache lengths that are multiples of this
 PREFILL_TOKENS = 16384  # padded prompt tokens a prefill forward (bounds its activations)
 # torch.compile each layer's step and the sampler (compiled): fewer, fused kernels a decode step, after a compilation
@@ -116,11 +122,32 @@ def flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, used, scale):
                                                    scale=scale, seqused_k=used)[0]
 
 
+def flex_mask(pos, length):
+    """FlexAttention's BlockMask for one query a row at position pos (b,) over a cache of `length` columns:
+    a row reads the blocks of FLEX_BLOCK columns up to its position's, skips the rest, and inside them
+    sees columns 0..pos. Fixed shapes, built on the device (no host sync); for the backward pass a
+    BlockMask also lists the queries of each block (compute_q_blocks), which decoding does not need."""
+    from torch.nn.attention.flex_attention import BlockMask
+    blocks = -(-length // FLEX_BLOCK)
+    used = (pos // FLEX_BLOCK + 1).int()[:, None, None]  # (b, 1, 1): the row's blocks, one head for all
+    order = torch.arange(blocks, dtype=torch.int32, device=pos.device).repeat(len(pos), 1, 1, 1)  # (b, 1, 1, blocks)
+    return BlockMask.from_kv_blocks(used, order, BLOCK_SIZE=FLEX_BLOCK, mask_mod=lambda b, h, q, kv: kv <= pos[b],
+                                    seq_lengths=(1, length), compute_q_blocks=False)
+
+
+def flex(q, k, v, block_mask, scale):
+    """FlexAttention with grouped queries, compiled on CUDA (uncompiled it runs a slow reference)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    run = compiled(flex_attention) if q.is_cuda else flex_attention
+    return run(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+
+
 def attend(attn, h, cos, sin, k_cache, v_cache, rows, pos, seen, attention):
     """One new token a row: its key and value go to column pos of the row's slot, then its query
     attends over the slot's columns 0..pos. k_cache, v_cache: (R, Hkv, L, D). seen, built once a step
     (step_logits) for the step's `attention`: for "sdpa" and "matmul" a bias (b, t), 0 where a row sees a
-    column and -inf where not; for "varlen" the packed sequences' offsets and lengths."""
+    column and -inf where not; for "varlen" the packed sequences' offsets and lengths; for "flex" a
+    BlockMask (flex_mask)."""
     b, D = h.shape[0], attn.head_dim
     q = attn.q_proj(h).view(b, -1, D)  # (b, Hq, D)
     k = attn.k_proj(h).view(b, -1, D)  # (b, Hkv, D)
@@ -136,6 +163,9 @@ def attend(attn, h, cos, sin, k_cache, v_cache, rows, pos, seen, attention):
         cu_q, cu_k, used = seen
         out = flash_varlen(q.reshape(-1, 1, D), k_cache[:b].view(-1, 1, D), v_cache[:b].view(-1, 1, D),
                            cu_q, cu_k, q.shape[2], k_cache.shape[2], used, attn.scaling)  # (b * Hkv * g, 1, D)
+        return attn.o_proj(out.reshape(b, -1))
+    if attention == "flex":  # (b, Hq, 1, D) against the whole slots: the mask skips the blocks past each row's end
+        out = flex(q.reshape(b, -1, 1, D), k_cache[:b], v_cache[:b], seen, attn.scaling)
         return attn.o_proj(out.reshape(b, -1))
     t = seen.shape[1]
     K, V = k_cache[:b, :, :t], v_cache[:b, :, :t]  # (b, Hkv, t, D) views: no copy
@@ -203,6 +233,8 @@ def step_logits(model, slots, b, t):
         seqs = slots.seqs[: b * Hkv + 1]
         used = (pos + 1).int()[:, None].expand(b, Hkv).contiguous().view(-1)  # contiguous, as flash needs
         seen = seqs * (m.config.num_attention_heads // Hkv), seqs * L, used
+    elif attention == "flex":
+        seen = flex_mask(pos, slots.k.shape[3])
     else:
         seen = torch.zeros(b, t, dtype=x.dtype, device=x.device).masked_fill_(slots.cols[:t] > pos[:, None],
                                                                               float("-inf"))
@@ -360,10 +392,10 @@ def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0,
                 break
             b = next(r for r in row_sizes if r > max(live))
             t = min(L, max(pos[s] for s in live) + check_every)
-            if cuda_graphs:  # varlen reads each row to its own position, whatever t: one graph a row count
-                t = L if attention_for(slots.k) == "varlen" else min(L, -(-t // LENGTH_BUCKET) * LENGTH_BUCKET)
+            if cuda_graphs:  # varlen and flex read each row to its own position, whatever t: one graph a row count
+                t = L if attention_for(slots.k) in ("varlen", "flex") else min(L, -(-t // LENGTH_BUCKET) * LENGTH_BUCKET)
             idle = [s for s in range(b) if seq[s] < 0]
-            if idle:  # free slots in the bucket run on at position 0, where they read (varlen) one column
+            if idle:  # free slots in the bucket run on at position 0, where they read (varlen, flex) one column
                 slots.pos[idle] = 0
             step = lambda b=b, t=t: decode_step(model, slots, b, t, sampling)
             if cuda_graphs and (b, t) not in graphs:

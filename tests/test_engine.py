@@ -27,14 +27,17 @@ def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, used, scale):
     return out
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "matmul", "varlen"])
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("attention", ["sdpa", "matmul", "varlen", "flex"])
 @pytest.mark.parametrize("max_rows,check_every", [(None, 1), (3, 1), (3, 4), (1, 2)])
 def test_greedy_equals_hf_generate_with_refilled_slots_and_stops(model, tok, max_rows, check_every, attention,
                                                                  monkeypatch):
     # four prompts of different lengths, stop ids that end rows at different steps, fewer slots
     # than sequences (slots are refilled) and windows of several steps between looks; varlen (flash
-    # attention, CUDA only) with the op replaced by a slow reference of its contract
+    # attention, CUDA only) with the op replaced by a slow reference of its contract; flex (FlexAttention,
+    # uncompiled on the CPU) with blocks of 16 columns, so that rows read different numbers of blocks
     monkeypatch.setattr(engine, "ATTENTION", attention)
+    monkeypatch.setattr(engine, "FLEX_BLOCK", 16)
     monkeypatch.setattr(engine, "flash_varlen", varlen_reference)
     ids = [tok.encode(t) for t in PROMPTS]
     free = hf_greedy(model, tok, PROMPTS, 24)
@@ -45,12 +48,14 @@ def test_greedy_equals_hf_generate_with_refilled_slots_and_stops(model, tok, max
     assert len({len(r) for r in ours}) > 1
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "varlen"])
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("attention", ["sdpa", "varlen", "flex"])
 def test_the_cuda_schedule_with_replays_standing_in_for_graphs(model, tok, attention, monkeypatch):
     # what CUDA runs, here on the CPU: row counts bucketed to 1, 2, 4, 5 with free slots inside a bucket,
-    # cache lengths bucketed (varlen: one length, the whole cache), looks every 4 steps; each "graph"
+    # cache lengths bucketed (varlen, flex: one length, the whole cache), looks every 4 steps; each "graph"
     # replays its step
     monkeypatch.setattr(engine, "ATTENTION", attention)
+    monkeypatch.setattr(engine, "FLEX_BLOCK", 16)
     monkeypatch.setattr(engine, "flash_varlen", varlen_reference)
     monkeypatch.setattr(engine, "LENGTH_BUCKET", 16)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
@@ -69,7 +74,7 @@ def test_the_cuda_schedule_with_replays_standing_in_for_graphs(model, tok, atten
     assert ours == hf_greedy(model, tok, PROMPTS, 24, eos=stops) * 2
     L = -(-(max(map(len, ids)) + 24) // 16) * 16
     assert len(set(captured)) == len(captured) and {b for b, _ in captured} <= {1, 2, 4, 5}
-    assert all(t == L for _, t in captured) if attention == "varlen" else \
+    assert all(t == L for _, t in captured) if attention in ("varlen", "flex") else \
         all(t % 16 == 0 or t == L for _, t in captured) and len({t for _, t in captured}) > 1
 
 
@@ -312,6 +317,7 @@ def test_smollm2_greedy_equals_hf_generate():
         assert ours[2 * i] == ours[2 * i + 1] == ref[: len(ours[2 * i])]
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_profile_times_every_variant_of_the_same_step():
     # each attention, on rows at one position and on rows spread over positions, computes the step the
     # engine computes; and the profile puts the tokens and positions back before each variant
@@ -319,11 +325,11 @@ def test_profile_times_every_variant_of_the_same_step():
     with torch.no_grad():
         results = engine.profile_step(model, 4, 32)
     assert [(r["rows"], r["name"]) for r in results] == [
-        ("equal", "sdpa attention"), ("equal", "matmul attention"), ("equal", "argmax, no sampling"),
-        ("equal", "HF's RMSNorm modules"), ("equal", "torch.compile"), ("spread", "sdpa attention"),
-        ("spread", "matmul attention")]
+        ("equal", "sdpa attention"), ("equal", "matmul attention"), ("equal", "flex attention"),
+        ("equal", "argmax, no sampling"), ("equal", "HF's RMSNorm modules"), ("equal", "torch.compile"),
+        ("spread", "sdpa attention"), ("spread", "matmul attention"), ("spread", "flex attention")]
     assert all(r["diff"] < 1e-5 and r["ms"] > 0 for r in results)
-    assert results[2]["diff"] == results[3]["diff"] == 0  # the same attention: the same numbers
+    assert results[3]["diff"] == results[4]["diff"] == 0  # the same attention: the same numbers
 
 
 def test_compiled_layers_and_sampler_compute_the_eager_step(model, tok, monkeypatch):
@@ -357,3 +363,21 @@ def test_stats_count_the_decode_steps_and_rows(model, tok):
     assert stats["live_rows"] <= stats["bucket_rows"] <= 3 * stats["steps"]
     assert stats["prefill_s"] > 0 and stats["graphs"] == 0 and "capture_s" not in stats  # the CPU: no graphs
     assert out == engine.generate(model, ids, 12, n=2, temperature=0, stop_ids=[7, 100], max_rows=3)
+
+
+@pytest.mark.parametrize("block", [16, 128])
+def test_the_flex_mask_reads_each_rows_columns_and_skips_the_blocks_past_them(block, monkeypatch):
+    # the block structure is what the compiled kernel skips by (the CPU's uncompiled flex reads only mask_mod):
+    # a row at position p reads blocks 0..p // block, and inside them columns 0..p
+    monkeypatch.setattr(engine, "FLEX_BLOCK", block)
+    pos, length = torch.tensor([0, 15, 16, 40, 127, 128, 200]), 208
+    mask = engine.flex_mask(pos, length)
+    blocks = mask.to_dense()[:, 0, 0]  # (b, blocks): 1 where the row reads the block
+    n = -(-length // block)
+    assert blocks.shape == (len(pos), n)
+    assert blocks.tolist() == [[int(j <= p // block) for j in range(n)] for p in pos.tolist()]
+    cols = torch.arange(length)
+    seen = blocks.repeat_interleave(block, -1)[:, :length].bool() & mask.mask_mod(
+        torch.arange(len(pos))[:, None], 0, 0, cols[None])
+    assert torch.equal(seen, cols[None] <= pos[:, None])
+    engine.flex_mask(pos.to("meta"), length)  # built from shapes alone: no value read on the host (a CUDA graph's need)
