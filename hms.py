@@ -112,6 +112,7 @@ _BRACE_ARGS = [  # \frac12 -> \frac{1}{2}, \sqrt2 -> \sqrt{2}, x^{2} -> x^2
     (re.compile(r"([_^])\{(\w)\}"), r"\1\2"),
 ]
 _PIECES = re.compile(r"(,|\(|\)|\[|\]|\\\{|\\\}|\\\\|&|\\begin\{\w*\}|\\end\{\w*\}|\\cup)")
+_SLASH = re.compile(r"(?P<sign>-?)(?P<p>\d*(?:\\[A-Za-z]+(?:\{\w+\})?|[A-Za-z]))/(?P<q>\d+)")  # \pi/2, 3\sqrt{3}/4
 _NUM = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
 _RATIONAL = [
     re.compile(rf"(?P<sign>[+-]?)(?P<p>{_NUM})"),
@@ -125,12 +126,13 @@ def normalize_answer(s):
     """The canonical form of an answer string: LaTeX spacing, \\left/\\right, $, %, degrees,
     \\text{} wrappers and trailing units, a leading `x =` or `(a, b) =`, thousands separators
     (`{,}` anywhere, commas in a lone number only) and a trailing period go; \\dfrac/\\tfrac ->
-    \\frac with braced arguments; bmatrix and plain matrix -> pmatrix; every number that stands
-    alone (the whole answer, or one entry of a tuple, interval or matrix) becomes an integer or a
-    reduced "p/q".
-    Order, signs, brackets and radicals are kept: it is a normal form, not an algebra system, so
-    equal values written differently stay apart (`a+b` vs `b+a`, `\\sqrt8` vs `2\\sqrt2`,
-    `\\frac{\\sqrt3}{3}` vs `\\frac{1}{\\sqrt3}`)."""
+    \\frac with braced arguments, and a symbol over a whole number too (\\pi/2, 3\\sqrt{3}/4); bmatrix
+    and plain matrix -> pmatrix; every number that stands alone (the whole answer, or one entry of a
+    tuple, interval or matrix) becomes an integer or a reduced "p/q".
+    A bare list (commas outside any bracket: the solutions of an equation, "1, -2") is a set, and its
+    entries are sorted; tuples, intervals and matrices keep their order. Signs, brackets and radicals
+    are kept: it is a normal form, not an algebra system, so equal values written differently stay
+    apart (`a+b` vs `b+a`, `\\sqrt8` vs `2\\sqrt2`, `\\frac{\\sqrt3}{3}` vs `\\frac{1}{\\sqrt3}`)."""
     s = s.strip()
     if len(s) > MAX_BOX_CHARS:  # not an answer; compared verbatim, which bounds the time
         return s
@@ -148,7 +150,27 @@ def normalize_answer(s):
         s = pattern.sub(repl, s)
     if re.fullmatch(r"\([A-Z]\)", s):  # "(B)" -> "B": a lone option letter, not an interval
         s = s[1]
-    return "".join(_canonical_number(piece) for piece in _PIECES.split(s))
+    s = "".join(_canonical_piece(piece) for piece in _PIECES.split(s))
+    entries = _top_level_split(s)
+    return ",".join(sorted(entries)) if len(entries) > 1 else s
+
+
+def _top_level_split(s):
+    """s cut at its commas outside (), [] and {} (\\{ \\} included)."""
+    entries, depth, start = [], 0, 0
+    for i, c in enumerate(s):
+        depth += (c in "([{") - (c in ")]}")
+        if c == "," and depth == 0:
+            entries.append(s[start:i])
+            start = i + 1
+    return entries + [s[start:]]
+
+
+def _canonical_piece(piece):
+    """One entry of an answer: a symbol over a whole number as a \\frac (models write \\pi/2 and
+    \\frac{\\pi}{2} alike), a number in its canonical form, anything else unchanged."""
+    m = _SLASH.fullmatch(piece)
+    return rf"{m['sign']}\frac{{{m['p']}}}{{{m['q']}}}" if m else _canonical_number(piece)
 
 
 def _canonical_number(piece):

@@ -41,7 +41,9 @@ EQUAL = [
     (r"11\sqrt2", r"11\sqrt{2}"), (r"137 \frac{1}{2}", "137.5"), (r"1\frac{4}{5}", "1.8"),
     ("4210_{5}", "4210_5"), ("2516_8", "2516_{8}"), (".35625", "0.35625"), (".0000672", r"\frac{42}{625000}"),
     ("0.15", r"\frac{3}{20}"), ("1.25", r"\frac54"), ("3.21", "3.210"), ("4.5", r"\frac92"),
-    ("326.5", r"\frac{653}{2}"), ("3, 5, 7", "3,5,7"), ("-2 + 7i", "-2+7i"),
+    ("326.5", r"\frac{653}{2}"), ("3, 5, 7", "3,5,7"), ("3, 5, 7", "7, 3, 5"), ("1,-2", "-2, 1"),
+    ("-2,1", "x = 1, -2"), (r"-\frac{\pi}{6}", r"-\pi/6"), (r"\frac{3\sqrt{3}}{4}", r"3\sqrt3/4"),
+    (r"\frac{\sqrt{3}}{3}", r"\sqrt{3}/3"), ("-2 + 7i", "-2+7i"),
     (r"3 \pm 2 \sqrt{2}", r"3\pm2\sqrt{2}"), (r"\frac{\sqrt{3}}{3}", r"\dfrac{\sqrt{3}}{3}"), (r"12\pi", r"12 \pi"),
     (r"\begin{pmatrix} 1/5 \\ -18/5 \end{pmatrix}", r"\begin{pmatrix}\frac15\\-\frac{18}{5}\end{pmatrix}"),
     ("10", "10.0"), ("0", "-0"), (r"\pi", r"\pi."),
@@ -66,6 +68,7 @@ DIFFERENT = [
     (r"\frac{20000}{\pi}", "20000"), (r"\{1\pm\sqrt{5},-2\}", r"\{1\pm\sqrt{5},2\}"),
     (r"137 \frac{1}{2}", r"\frac{137}{2}"), (r"1\frac{4}{5}", r"\frac{4}{5}"),
     ("18", "81"), ("2125", "212.5"), ("25", "0.25"), ("-4", "4"), ("58,500", "58.5"), ("1,-2", "1-2"),
+    (r"-\frac{\pi}{6}", r"\pi/6"), (r"\frac{3\sqrt{3}}{4}", r"3\sqrt3/5"), ("1,-2", "(1,-2)"),
 ]
 
 
@@ -93,6 +96,9 @@ def test_canonical_numeric_form():
     assert [normalize_answer(s) for s in ["025", "5.0", "-0.50", r"\frac{6}{4}", r"-\dfrac{3}{8}", "1,000"]] == \
         ["25", "5", "-1/2", "3/2", "-3/8", "1000"]
     assert normalize_answer("(1,2)") == "(1,2)" and normalize_answer("1, 2") == "1,2"  # commas of a tuple stay
+    # a bare list is a set of solutions: one order; inside brackets the order stays
+    assert normalize_answer("2, 1/2, -1") == "-1,1/2,2" and normalize_answer("(2, 1), 0") == "(2,1),0"
+    assert normalize_answer(r"\{2, 1\}") == r"\{2,1\}" and normalize_answer("[3,1)") == "[3,1)"
 
 
 def test_thousands_braces_and_matrix_environments():
