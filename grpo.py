@@ -69,7 +69,9 @@ def token_logprobs(model, input_ids, attention_mask, completion_mask, temperatur
 
     def chunk_logp(h, y):
         logits = lm_head(h)  # (n, V), in float32 at least (float64 stays: the tests' references)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if temperature != 1:  # x / 1.0 == x: a pass over (n, V) saved in forward, recompute and backward
+            logits = logits / temperature
         return logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1)  # (n,)
 
     parts = []

@@ -52,10 +52,10 @@ def sample_model(name):
     lambda: tiny_model(tie=False), lambda: tiny_model(tie=True),
     lambda: sample_model("tiny"), lambda: sample_model("tiny-llama")],
     ids=["qwen3", "qwen3-tied", "sample-tiny", "sample-tiny-llama"])
-def test_token_logprobs_equals_full_log_softmax(make_model):
+@pytest.mark.parametrize("T", [0.7, 1.0])
+def test_token_logprobs_equals_full_log_softmax(make_model, T):
     model = make_model()
     ids, attn, comp = pad_batch(*random_batch())
-    T = 0.7
     with torch.no_grad():
         logp = token_logprobs(model, ids, attn, comp, temperature=T, chunk=3)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
