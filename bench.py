@@ -325,7 +325,7 @@ def profile_update(run, batch, device):
 
 
 def bench_update(args):
-    """Time grpo.step on paper-shaped rows with and without gradient checkpointing; print and return
+    """Time grpo.step on paper-shaped rows with each checkpointing setting (--checkpointing); print and return
     tokens/s, model FLOPs utilisation and peak memory of each."""
     import resource
 
@@ -355,8 +355,9 @@ def bench_update(args):
     results, meta = [], dict(device=args.device, device_name=device_name, torch=torch.__version__,
                              transformers=transformers.__version__, model=name, matmul_flops=rate,
                              update_flops=flops, micro_batch_tokens=budget, compile=args.compile)
-    for checkpointing in (True, False):
+    for checkpointing in map(int, args.checkpointing.split(",")):
         grpo.set_checkpointing(model, checkpointing)
+        setting = {0: "off", 1: "on"}.get(checkpointing, f"every {checkpointing}")
         optimizer = grpo.make_optimizer(model, lr=1e-7)
         run = lambda b: grpo.step(model.train(), optimizer, b, None, ref, micro_batch_tokens=budget)
         try:
@@ -369,7 +370,7 @@ def bench_update(args):
                     torch.cuda.reset_accumulated_memory_stats()  # the retries counted below: the timed step's
                 seconds, stats = timed(lambda: run(batch), args.device)
         except torch.OutOfMemoryError:  # without checkpointing a big budget may not fit: keep the other figures
-            print(f"checkpointing {'on ' if checkpointing else 'off'}: out of memory at {budget} tokens a "
+            print(f"checkpointing {setting}: out of memory at {budget} tokens a "
                   "micro-batch", flush=True)
             optimizer.state.clear()  # free what the failed step allocated before the next one
             model.zero_grad(set_to_none=True)
@@ -384,7 +385,7 @@ def bench_update(args):
                  tflops=flops / seconds / 1e12, mfu=flops / seconds / rate, pad_share=stats["pad_share"],
                  peak_gib=peak / 2**30, activations_estimate_gib=estimate / 2**30, alloc_retries=retries)
         results.append(r)
-        print(f"checkpointing {'on ' if checkpointing else 'off'}: {seconds:6.2f} s  {r['tok_s']:9.0f} tok/s  "
+        print(f"checkpointing {setting:<7}: {seconds:6.2f} s  {r['tok_s']:9.0f} tok/s  "
               f"{r['tflops']:7.3g} TFLOP/s = {r['mfu']:.0%} of the matmul rate  padding {r['pad_share']:.1%}  "
               f"peak {'' if gpu else 'RSS '}{r['peak_gib']:.1f} GiB (activations estimated {estimate / 2**30:.1f})"
               + (f"  allocator retries {retries}" if gpu else ""), flush=True)
@@ -425,6 +426,9 @@ def main(argv=None):
     parser.add_argument("--update", action="store_true",
                         help="time grpo.step on paper-shaped rows, with and without gradient checkpointing")
     parser.add_argument("--rows", type=int, default=None, help="--update: rows (default 128 on cuda, 4 on cpu)")
+    parser.add_argument("--checkpointing", default="1,0",
+                        help="--update: the settings to time, grpo.set_checkpointing's every: 1 every layer, 0 none, "
+                             "2 every other layer (default 1,0)")
     parser.add_argument("--micro-batch-tokens", type=int, default=None,
                         help="--update: token budget of a micro-batch (default 16384 on cuda, 512 on cpu)")
     parser.add_argument("--profile", action="store_true",

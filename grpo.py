@@ -330,11 +330,16 @@ def step(model, optimizer, rollouts, micro_batch_size, ref_model=None, scheduler
     return stats
 
 
-def set_checkpointing(model, on):
-    """Gradient (activation) checkpointing of a Hugging Face model on or off: transformers >= 5.2x
-    names it activation_checkpointing_*, older 5.x gradient_checkpointing_*."""
+def set_checkpointing(model, every):
+    """Gradient (activation) checkpointing of a Hugging Face model's decoder layers 0, every, 2 every, ...:
+    every = 1 (or True) checkpoints all of them, 0 (or False) none, 2 every other one, which recomputes
+    half the forward and keeps about half the activations: the recomputation that is needed to fit,
+    and no more. transformers >= 5.2x names the switch activation_checkpointing_*, older 5.x
+    gradient_checkpointing_*; both read each layer's own flag, set here."""
     name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
-    getattr(model, f"{name}_checkpointing_{'enable' if on else 'disable'}")()
+    getattr(model, f"{name}_checkpointing_{'enable' if every else 'disable'}")()
+    for i, layer in enumerate(model.get_decoder().layers):
+        layer.gradient_checkpointing = bool(every) and i % every == 0
 
 
 def compile_layers(model):
@@ -350,19 +355,14 @@ def compile_layers(model):
     return model
 
 
-def is_checkpointing(model):
-    """Whether set_checkpointing(model, True) is in force."""
-    name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
-    return getattr(model, f"is_{name}_checkpointing")
-
-
 def activation_estimate(model, chunk=1024):
     """bytes(tokens): what the update holds for backward at a micro-batch of `tokens` row x column
     slots. Measured once, here: the tensors autograd saves in the scoring forward of one row (128 and
     256 tokens: a constant plus a cost a token, weights excluded, autocast's bfloat16 weight copies
-    included), plus, under gradient checkpointing, one layer's activations rebuilt in backward; the
-    function adds a logits chunk (float32, chunk x vocabulary, three of them alive while its
-    log-softmax is differentiated)."""
+    included), plus, when the last layer is checkpointed, one layer's activations rebuilt in backward
+    (backward rebuilds one checkpointed layer at a time; when layers after it keep their activations,
+    those are freed by then, before it is rebuilt); the function adds a logits chunk (float32, chunk x
+    vocabulary, three of them alive while its log-softmax is differentiated)."""
     own = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def saved(n):
@@ -385,18 +385,21 @@ def activation_estimate(model, chunk=1024):
         a, b = saved(128), saved(256)
         return (b - a) / 128, a - (b - a)
 
-    was_training, checkpointing = model.training, is_checkpointing(model)
+    layers = model.get_decoder().layers
+    was_training, checkpointed = model.training, [layer.gradient_checkpointing for layer in layers]
     model.train()
     try:
         per_token, fixed = per_token_and_fixed()
         rebuilt = 0.0
-        if checkpointing:  # backward rebuilds one layer at a time, at full size
-            set_checkpointing(model, False)
+        if checkpointed[-1]:  # the first layer backward reaches is rebuilt at full size, on top of the rest
+            for layer in layers:
+                layer.gradient_checkpointing = False
             full, _ = per_token_and_fixed()
-            rebuilt = (full - per_token) / model.config.num_hidden_layers
-            set_checkpointing(model, True)
+            rebuilt = (full - per_token) / sum(checkpointed)
     finally:
         model.train(was_training)
+        for layer, flag in zip(layers, checkpointed):
+            layer.gradient_checkpointing = flag
     vocab = model.config.vocab_size
     return lambda tokens: int(fixed + (per_token + rebuilt) * tokens + 3 * min(chunk, tokens) * vocab * 4)
 

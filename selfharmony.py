@@ -128,7 +128,9 @@ def make_parser():
     p.add_argument("--micro-batch-tokens", type=number(int, 0), default=None,
                    help="rows sorted by length, as many a pass as fill this many row x column slots (0: off; "
                         "default on cuda 16384, halved until the memory estimate fits; on cpu 0)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (saves memory)")
+    p.add_argument("--grad-checkpointing", type=number(int, 0), nargs="?", const=1, default=0, metavar="N",
+                   help="recompute activations in backward (saves memory): every layer's, or every N-th layer's "
+                        "(2: half the recomputation, about half the memory saved)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoder layers, in the update (grpo.compile_layers) and in the fast "
                         "engine's decode step (engine.COMPILE): fewer, fused kernels after tens of seconds of "
@@ -466,7 +468,11 @@ def memory_plan(parts, activations_at, sampler, args, world, device, gathered=0)
             f": {gib(total)} of {gib(have)} on {where}")
     if total <= have:
         return line, True
-    switches = ["--grad-checkpointing"] if not args.grad_checkpointing else []
+    every = args.grad_checkpointing  # 0 none, 1 every layer, N every N-th: checkpointing more layers saves memory
+    if every == 0:
+        switches = ["--grad-checkpointing (or 2, every other layer)"]
+    else:
+        switches = [] if every == 1 else ["--grad-checkpointing" + (f" {every // 2}" if every // 2 > 1 else "")]
     switches += ["a lower --micro-batch-tokens" if args.micro_batch_tokens else "a lower --micro-batch",
                  "a lower --kv-cache-gb"] + (["--fsdp under torchrun"] if not args.fsdp else [])
     return line + ". It will not fit: try " + ", ".join(switches), False
@@ -586,7 +592,7 @@ def main(argv=None):
         ref_model = load_model(args.model, home, torch.float32)[0] if args.resume else grpo.make_reference(model, args.kl_coef)
         ref_model.requires_grad_(False)
     if args.grad_checkpointing:
-        grpo.set_checkpointing(model, True)
+        grpo.set_checkpointing(model, args.grad_checkpointing)
     # rollouts are drawn from a copy in the compute dtype (the policy itself when that is float32 and
     # whole), refreshed after every update; its KV cache is freed after each call, so the update reuses
     # that memory

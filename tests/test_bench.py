@@ -65,12 +65,14 @@ def test_update_flops_by_hand():
 def test_update_benchmark_on_the_tiny_model(tmp_path, capsys):
     path = tmp_path / "update.json"
     results = bench.main(["--update", "--model", "tiny", "--rows", "4", "--micro-batch-tokens", "128",
-                          "--json", str(path), "--profile"])
-    assert [r["checkpointing"] for r in results] == [True, False]
+                          "--json", str(path), "--profile", "--checkpointing", "1,0,2"])
+    assert [r["checkpointing"] for r in results] == [1, 0, 2]
     # each setting profiled again on 2 rows: the step's ops by time (on CUDA: its kernels)
-    assert capsys.readouterr().out.count("profiled on 2 rows") == 2
+    out = capsys.readouterr().out
+    assert out.count("profiled on 2 rows") == 3 and "checkpointing every 2:" in out
     for r in results:
         assert r["rows"] == 4 and r["tok_s"] > 0 and 0 < r["mfu"] and 0 <= r["pad_share"] < 0.5
-    # checkpointing keeps fewer activations
-    assert results[0]["activations_estimate_gib"] < results[1]["activations_estimate_gib"]
+    # checkpointing keeps fewer activations, every other layer too
+    estimate = [r["activations_estimate_gib"] for r in results]
+    assert estimate[0] < estimate[1] and estimate[2] < estimate[1]
     assert json.loads(path.read_text())["results"] == results

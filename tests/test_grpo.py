@@ -393,7 +393,7 @@ def test_a_nan_gradient_skips_the_update():
 
 
 def test_activation_estimate_grows_with_tokens_and_shrinks_with_checkpointing():
-    from grpo import activation_estimate, is_checkpointing, set_checkpointing
+    from grpo import activation_estimate, set_checkpointing
     model = Qwen3ForCausalLM(Qwen3Config(vocab_size=V, hidden_size=64, intermediate_size=192, num_hidden_layers=6,
                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16))
     logits = lambda t: 3 * min(1024, t) * V * 4
@@ -404,8 +404,13 @@ def test_activation_estimate_grows_with_tokens_and_shrinks_with_checkpointing():
     set_checkpointing(model, True)
     model.eval()
     kept = activation_estimate(model)(4096) - logits(4096)
-    assert is_checkpointing(model) and not model.training  # put back as it was
+    layers = model.get_decoder().layers
+    assert all(layer.gradient_checkpointing for layer in layers) and not model.training  # put back as it was
     assert kept < full[4096] / 2.5
+    set_checkpointing(model, 2)  # layers 0, 2, 4 of 6: between the two
+    half = activation_estimate(model)(4096) - logits(4096)
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False] * 3
+    assert kept < half < full[4096] and abs(half - (kept + full[4096]) / 2) < 0.15 * full[4096]
 
 
 def test_compiled_layers_give_the_eager_gradient_under_checkpointing():
@@ -427,4 +432,20 @@ def test_compiled_layers_give_the_eager_gradient_under_checkpointing():
     assert counters["stats"]["unique_graphs"] > 0  # Inductor really ran
     assert math.isclose(results[0][0], results[1][0], rel_tol=1e-5)
     for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_checkpointing_all_or_every_other_layer_keeps_the_gradient(every):
+    from grpo import set_checkpointing
+    model, ref_model = tiny_model(tie=True), tiny_model(seed=5)
+    batch = rollouts_for(model)
+    grads = []
+    for setting in (0, every):
+        set_checkpointing(model, setting)
+        model.train().zero_grad(set_to_none=True)
+        accumulate_gradients(model, batch, 2, ref_model, kl_coef=0.1)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert [layer.gradient_checkpointing for layer in model.get_decoder().layers] == [True, every == 1]
+    for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

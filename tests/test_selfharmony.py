@@ -464,7 +464,12 @@ def test_memory_plan_adds_what_stays_and_names_the_switches_when_it_will_not_fit
     # float32. Root and its gradients, two layers and theirs
     root, layer = 259 * 64 + 64, 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64 + 2 * 16
     assert grpo.gathered_bytes(model) == 4 * (2 * root + 4 * layer)
-    assert line.endswith("It will not fit: try --grad-checkpointing, a lower --micro-batch, a lower --kv-cache-gb")
+    assert line.endswith("It will not fit: try --grad-checkpointing (or 2, every other layer), a lower --micro-batch, "
+                         "a lower --kv-cache-gb")
+    for every, switch in ((2, "try --grad-checkpointing, "), (6, "try --grad-checkpointing 3, "), (1, "try a lower")):
+        args.grad_checkpointing = every  # checkpointing every N-th layer: checkpoint more of them
+        line, _ = selfharmony.memory_plan(parts, grpo.activation_estimate(model), model, args, 2, "cpu", 2**40)
+        assert switch in line
 
 
 def test_resume_keeps_the_runs_evaluation_and_saving_settings(tmp_path):
