@@ -345,11 +345,14 @@ def set_checkpointing(model, every):
 def compile_layers(model):
     """torch.compile each decoder layer's forward in place (regional compilation, the loop's --compile): in
     forward and backward Inductor fuses a layer's norms, RoPE, SiLU, residual adds and autocast's casts
-    between its matmuls. The layer's hooks (checkpointing's, FSDP's) stay outside, in eager code. One
-    compilation serves every layer and every micro-batch shape (dynamic shapes); the recomputation under
-    checkpointing and a no-grad forward (the reference) get one each. The gradient is the eager one up to
-    rounding (tests/test_grpo.py). Call it after copying model (the reference, the sampling copy): a copy
-    would call the original's layers. Returns model."""
+    between its matmuls. Module hooks (FSDP's) run in __call__, outside, in eager code; checkpointing is
+    compiled with the layer where transformers puts it in forward (5.2x) and stays outside where it wraps
+    __call__ (5.17): both tested. One compilation serves every layer and every micro-batch shape (dynamic
+    shapes); the recomputation under checkpointing and a no-grad forward (the reference) get one each.
+    The gradient is the eager one up to rounding (tests/test_grpo.py). Call it after copying model (the
+    reference, the sampling copy): a copy would call the original's layers; and after shard(): FSDP2
+    gives each layer a subclass, whose forward transformers 5.2x wraps again, and only the outermost
+    wrapper checkpoints, so a forward compiled before would run with no checkpointing. Returns model."""
     for layer in model.get_decoder().layers:
         layer.forward = torch.compile(layer.forward, dynamic=True)
     return model

@@ -615,15 +615,15 @@ def main(argv=None):
         plan, fits = memory_plan(parts, activations_at, sampler, args, world, device, gathered)
     if master:
         print(plan)
-    if args.compile:  # after the sampling copy and the reference were made (a copy would call these layers)
-        for m in (model, ref_model):
-            if m is not None:
-                grpo.compile_layers(m)
-        engine.COMPILE = True
-    policy = model
+    policy, ref_layers = model, ref_model
     if args.fsdp:  # this rank keeps a shard of the weights (and so of AdamW's state); `model` holds them
         policy = grpo.shard(model)
         ref_model = ref_model and grpo.shard(ref_model)
+    if args.compile:  # after the copies (a copy would call these layers) and the sharding (grpo.compile_layers)
+        for m in (model, ref_layers):
+            if m is not None:
+                grpo.compile_layers(m)
+        engine.COMPILE = True
     optimizer = grpo.make_optimizer(model, args.lr, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: grpo.lr_schedule(s, total_steps, args.warmup))
     start = 0
