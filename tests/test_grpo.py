@@ -422,7 +422,10 @@ def test_compiled_layers_give_the_eager_gradient_under_checkpointing():
     batch = rollouts_for(model)
     set_checkpointing(model, True)
     model.train()
-    results = []
+    results, calls = [], []
+    for layer in model.get_decoder().layers:  # count the layers' checkpoint calls: compiled, they still checkpoint
+        layer._gradient_checkpointing_func = lambda *a, f=layer._gradient_checkpointing_func, **k: (
+            calls.append(len(results)), f(*a, **k))[1]
     for compiled in (False, True):
         if compiled:
             compile_layers(model), compile_layers(ref_model)
@@ -430,6 +433,7 @@ def test_compiled_layers_give_the_eager_gradient_under_checkpointing():
         stats = accumulate_gradients(model, batch, None, ref_model, kl_coef=0.1, micro_batch_tokens=20)
         results.append((stats["loss"], [p.grad.clone() for p in model.parameters()]))
     assert counters["stats"]["unique_graphs"] > 0  # Inductor really ran
+    assert calls.count(0) == calls.count(1) > 0
     assert math.isclose(results[0][0], results[1][0], rel_tol=1e-5)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
