@@ -29,6 +29,7 @@ does not when both views share the same mistake.
 import re
 from collections import Counter
 from fractions import Fraction
+from itertools import accumulate
 
 import numpy as np
 
@@ -130,7 +131,7 @@ def normalize_answer(s):
     and plain matrix -> pmatrix; every number that stands alone (the whole answer, or one entry of a
     tuple, interval or matrix) becomes an integer or a reduced "p/q".
     A bare list (commas outside any bracket: the solutions of an equation, "1, -2") is a set, and its
-    entries are sorted; tuples, intervals and matrices keep their order. Signs, brackets and radicals
+    entries are sorted, with "a \\pm b" as its two entries; tuples, intervals and matrices keep their order. Signs, brackets and radicals
     are kept: it is a normal form, not an algebra system, so equal values written differently stay
     apart (`a+b` vs `b+a`, `\\sqrt8` vs `2\\sqrt2`, `\\frac{\\sqrt3}{3}` vs `\\frac{1}{\\sqrt3}`)."""
     s = s.strip()
@@ -150,20 +151,32 @@ def normalize_answer(s):
         s = pattern.sub(repl, s)
     if re.fullmatch(r"\([A-Z]\)", s):  # "(B)" -> "B": a lone option letter, not an interval
         s = s[1]
+    s = ",".join(_plus_minus(entry) for entry in _top_level_split(s))
     s = "".join(_canonical_piece(piece) for piece in _PIECES.split(s))
     entries = _top_level_split(s)
     return ",".join(sorted(entries)) if len(entries) > 1 else s
 
 
+def _plus_minus(entry):
+    """An entry with one \\pm outside brackets as its two values, "a+b,a-b" (models write both ways)."""
+    depth = _depths(entry)
+    cut = [m.start() for m in re.finditer(r"\\pm(?![A-Za-z])", entry) if depth[m.start()] == 0]
+    if len(cut) != 1:
+        return entry
+    a, b = entry[: cut[0]], entry[cut[0] + 3 :]
+    return f"{a}+{b},{a}-{b}"
+
+
+def _depths(s):
+    """How many brackets ((, [, {) are open at each character of s."""
+    return list(accumulate(((c in "([{") - (c in ")]}") for c in s), initial=0))
+
+
 def _top_level_split(s):
     """s cut at its commas outside (), [] and {} (\\{ \\} included)."""
-    entries, depth, start = [], 0, 0
-    for i, c in enumerate(s):
-        depth += (c in "([{") - (c in ")]}")
-        if c == "," and depth == 0:
-            entries.append(s[start:i])
-            start = i + 1
-    return entries + [s[start:]]
+    depth = _depths(s)
+    cuts = [i for i, c in enumerate(s) if c == "," and depth[i] == 0]
+    return [s[i + 1 : j] for i, j in zip([-1] + cuts, cuts + [len(s)])]
 
 
 def _canonical_piece(piece):
