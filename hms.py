@@ -126,14 +126,16 @@ _RATIONAL = [
 def normalize_answer(s):
     """The canonical form of an answer string: LaTeX spacing, \\left/\\right, $, %, degrees,
     \\text{} wrappers and trailing units, a leading `x =` or `(a, b) =`, thousands separators
-    (`{,}` anywhere, commas in a lone number only) and a trailing period go; \\dfrac/\\tfrac ->
-    \\frac with braced arguments, and a symbol over a whole number too (\\pi/2, 3\\sqrt{3}/4); bmatrix
-    and plain matrix -> pmatrix; every number that stands alone (the whole answer, or one entry of a
-    tuple, interval or matrix) becomes an integer or a reduced "p/q".
+    (`{,}` anywhere, commas in a lone number only) and a trailing period go; an option letter boxed
+    with its text ("(C) 12") is the letter; \\dfrac/\\tfrac -> \\frac with braced arguments, and a
+    symbol over a whole number too (\\pi/2, 3\\sqrt{3}/4); bmatrix and plain matrix -> pmatrix;
+    every number that stands alone (the whole answer, or one entry of a tuple, interval or matrix)
+    becomes an integer or a reduced "p/q".
     A bare list (commas outside any bracket: the solutions of an equation, "1, -2") is a set, and its
-    entries are sorted, with "a \\pm b" as its two entries; tuples, intervals and matrices keep their order. Signs, brackets and radicals
-    are kept: it is a normal form, not an algebra system, so equal values written differently stay
-    apart (`a+b` vs `b+a`, `\\sqrt8` vs `2\\sqrt2`, `\\frac{\\sqrt3}{3}` vs `\\frac{1}{\\sqrt3}`)."""
+    entries are sorted, with "a \\pm b" as its two entries; tuples, intervals and matrices keep their
+    order. Signs, brackets and radicals are kept: it is a normal form, not an algebra system, so
+    equal values written differently stay apart (`a+b` vs `b+a`, `\\sqrt8` vs `2\\sqrt2`,
+    `\\frac{\\sqrt3}{3}` vs `\\frac{1}{\\sqrt3}`)."""
     s = s.strip()
     if len(s) > MAX_BOX_CHARS:  # not an answer; compared verbatim, which bounds the time
         return s
@@ -150,6 +152,8 @@ def normalize_answer(s):
     for pattern, repl in _BRACE_ARGS:
         s = pattern.sub(repl, s)
     if re.fullmatch(r"\([A-Z]\)", s):  # "(B)" -> "B": a lone option letter, not an interval
+        s = s[1]
+    elif re.fullmatch(r"\([A-E]\)[^(),]+", s):  # "(C) 12": the option letter with its text (MATH's choices)
         s = s[1]
     s = ",".join(_plus_minus(entry) for entry in _top_level_split(s))
     s = "".join(_canonical_piece(piece) for piece in _PIECES.split(s))
