@@ -53,7 +53,7 @@ from itertools import islice
 import torch
 import torch.nn.functional as F
 
-from sample import KVCache, forward_last, left_pad, sample_next
+from sample import KVCache, cache_columns, forward_last, left_pad, sample_next
 
 ARCHS = ("llama", "qwen2", "qwen3")  # config.model_type values whose forward is written below
 # "sdpa": torch's fused attention (one kernel; 1.0-1.2x "matmul" in bench's CPU cases); "matmul": the same
@@ -211,11 +211,12 @@ def layer_step(layer, x, cos, sin, k_cache, v_cache, rows, pos, seen, attention)
 
 @functools.cache
 def compiled(fn):
-    """fn compiled by torch.compile (COMPILE: layer_step and the sampler): Inductor fuses a layer's norms,
-    RoPE, cache writes, residual adds and SiLU into a few kernels between its matmuls and its attention,
-    and the sampler's softmax and cumulative sum. One compilation serves every layer (their modules are
-    its inputs) and every row count (dynamic shapes); on CUDA the compiled kernels are captured into the
-    step's graph like any others."""
+    """fn compiled by torch.compile: layer_step and the sampler under COMPILE, where Inductor fuses a
+    layer's norms, RoPE, cache writes, residual adds and SiLU into a few kernels between its matmuls and
+    its attention, and the sampler's softmax and cumulative sum; and FlexAttention on CUDA, which only
+    compiled is a fused kernel. One compilation serves every layer (their modules are its inputs) and
+    every row count (dynamic shapes); on CUDA the compiled kernels are captured into the step's graph
+    like any others."""
     return torch.compile(fn, dynamic=True)
 
 
@@ -330,9 +331,7 @@ def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0,
     cuda_graphs = cuda if cuda_graphs is None else cuda_graphs
     check_every = check_every or (8 if cuda else 1)
     N = len(prompts) * n  # sequence i is sample i % n of prompt i // n
-    # cache columns: a multiple of 16, so that on CUDA every bucket's t is one too (SDPA's fused kernels copy
-    # a mask of other lengths to pad it)
-    R, L = min(max_rows or N, N), -(-(max(map(len, prompts)) + max_new_tokens) // 16) * 16
+    R, L = min(max_rows or N, N), cache_columns(max(map(len, prompts)) + max_new_tokens)
     sampling, stops = (temperature, top_k, top_p), set(stop_ids)
     with torch.autocast(device.type, enabled=False):
         slots = Slots(model, R, L, check_every, dtype, device)

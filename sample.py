@@ -249,11 +249,17 @@ def kv_bytes_per_token(config, dtype):
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
 
 
+def cache_columns(max_len):
+    """The fast engine's cache columns for sequences of up to max_len tokens: a multiple of 16, so that on
+    CUDA every bucket's length is one too (SDPA's fused kernels copy a mask of other lengths to pad it)."""
+    return -(-max_len // 16) * 16
+
+
 def rows_for_budget(model, budget_gb, max_len):
     """How many sequences of up to max_len tokens (prompt + completion) a KV cache of budget_gb holds, at
-    the fast engine's columns a row: max_len rounded up to a multiple of 16. (Its prefill also holds the
-    keys and values of at most engine.PREFILL_TOKENS prompt tokens for a moment, outside the budget.)"""
-    per_row = kv_bytes_per_token(model.config, next(model.parameters()).dtype) * (-(-max_len // 16) * 16)
+    the fast engine's cache_columns(max_len) a row. (Its prefill also holds the keys and values of at
+    most engine.PREFILL_TOKENS prompt tokens for a moment, outside the budget.)"""
+    per_row = kv_bytes_per_token(model.config, next(model.parameters()).dtype) * cache_columns(max_len)
     return max(1, int(budget_gb * 2**30 // per_row))
 
 

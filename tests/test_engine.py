@@ -72,7 +72,7 @@ def test_the_cuda_schedule_with_replays_standing_in_for_graphs(model, tok, atten
     ours = engine.generate(model, ids, 24, temperature=0, stop_ids=stops, max_rows=5, check_every=4,
                            cuda_graphs=True)
     assert ours == hf_greedy(model, tok, PROMPTS, 24, eos=stops) * 2
-    L = -(-(max(map(len, ids)) + 24) // 16) * 16
+    L = -(-(max(map(len, ids)) + 24) // 16) * 16  # columns: a multiple of 16
     assert len(set(captured)) == len(captured) and {b for b, _ in captured} <= {1, 2, 4, 5}
     assert all(t == L for _, t in captured) if attention in ("varlen", "flex") else \
         all(t % 16 == 0 or t == L for _, t in captured) and len({t for _, t in captured}) > 1
