@@ -102,6 +102,7 @@ _NOISE = [  # (pattern, replacement), applied in order
     (re.compile(r"\\(?:mbox|textrm|textbf|textnormal|mathrm|mathbf)\{"), r"\\text{"),
 ]
 _UNIT = re.compile(r"\\text\{\s*[A-Za-z][A-Za-z .'/]*\}(?:\^\{?\d\}?)?\.?\s*$")  # km/h, people's; a period after
+_BARE_UNIT = re.compile(r"(?<=[\d}])\s+(?:[a-z]{2,}\s*){1,2}(?:\^\{?\d\}?)?\.?\s*$")  # 5 cm, 12 square feet
 _LEADING_NAME = re.compile(r"^(?:[A-Za-z]|\\[A-Za-z]+|\((?:\s*[A-Za-z]\s*,)+\s*[A-Za-z]\s*\))(?:_\{?\w+\}?)?\s*"
                            r"(?:=|\\in(?![A-Za-z]))\s*(?=\S)")  # x =, \theta =, x \in, (a, b) =
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
@@ -125,12 +126,12 @@ _RATIONAL = [
 
 def normalize_answer(s):
     """The canonical form of an answer string: LaTeX spacing, \\left/\\right, $, %, degrees,
-    \\text{} wrappers and trailing units, a leading `x =` or `(a, b) =`, thousands separators
-    (`{,}` anywhere, commas in a lone number only) and a trailing period go; an option letter boxed
-    with its text ("(C) 12") is the letter; \\dfrac/\\tfrac -> \\frac with braced arguments, and a
-    symbol over a whole number too (\\pi/2, 3\\sqrt{3}/4); bmatrix and plain matrix -> pmatrix;
-    every number that stands alone (the whole answer, or one entry of a tuple, interval or matrix)
-    becomes an integer or a reduced "p/q".
+    \\text{} wrappers and trailing units (in \\text, or bare words after a number: "18 dollars"), a
+    leading `x =` or `(a, b) =`, thousands separators (`{,}` anywhere, commas in a lone number only)
+    and a trailing period go; an option letter boxed with its text ("(C) 12") is the letter;
+    \\dfrac/\\tfrac -> \\frac with braced arguments, and a symbol over a whole number too (\\pi/2,
+    3\\sqrt{3}/4); bmatrix and plain matrix -> pmatrix; every number that stands alone (the whole
+    answer, or one entry of a tuple, interval or matrix) becomes an integer or a reduced "p/q".
     A bare list (commas outside any bracket: the solutions of an equation, "1, -2") is a set, and its
     entries are sorted, with "a \\pm b" as its two entries; tuples, intervals and matrices keep their
     order. Signs, brackets and radicals are kept: it is a normal form, not an algebra system, so
@@ -145,6 +146,7 @@ def normalize_answer(s):
     if unit and s[:unit.start()].strip():  # "5\text{ cm}" -> "5", but "\text{Evelyn}" stays
         s = s[:unit.start()]
     s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
+    s = _BARE_UNIT.sub("", s)  # unit words with no \\text: "18 dollars" -> "18"
     s = _LEADING_NAME.sub("", s.strip()).strip().rstrip(".").strip()
     if _THOUSANDS.fullmatch(s):  # only a lone number: "(1,2)" and "1, 2" keep their commas
         s = s.replace(",", "")
