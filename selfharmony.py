@@ -624,6 +624,8 @@ def main(argv=None):
             if m is not None:
                 grpo.compile_layers(m)
         engine.COMPILE = True
+        if master:
+            print("--compile: the first step compiles the decoder layers as it meets them (tens of seconds)")
     optimizer = grpo.make_optimizer(model, args.lr, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: grpo.lr_schedule(s, total_steps, args.warmup))
     start = 0
