@@ -424,7 +424,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and of sampling")
     # the update instead of the samplers
     parser.add_argument("--update", action="store_true",
-                        help="time grpo.step on paper-shaped rows, with and without gradient checkpointing")
+                        help="time grpo.step on paper-shaped rows, at each --checkpointing setting")
     parser.add_argument("--rows", type=int, default=None, help="--update: rows (default 128 on cuda, 4 on cpu)")
     parser.add_argument("--checkpointing", default="1,0",
                         help="--update: the settings to time, grpo.set_checkpointing's every: 1 every layer, 0 none, "

@@ -509,7 +509,7 @@ if __name__ == "__main__":
     parser.add_argument("--profile", default=None, help="ROWS,COLUMNS: time one decode step of this shape")
     parser.add_argument("--attention", default=ATTENTION, choices=ATTENTIONS,
                         help="the engine's attention (default: varlen on CUDA in bfloat16, else sdpa)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each layer's decode step (COMPILE)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each layer's decode step and the sampler (COMPILE)")
     args = parser.parse_args()
     ATTENTION, COMPILE = args.attention, args.compile
     model, tokenizer = load_model(args.model, args.device, args.dtype)
