@@ -69,9 +69,11 @@ def test_the_cuda_schedule_with_replays_standing_in_for_graphs(model, tok, atten
     ids = [tok.encode(t) for t in PROMPTS] * 2
     free = hf_greedy(model, tok, PROMPTS, 24)
     stops = [free[0][5], free[2][11]]
+    stats = {}
     ours = engine.generate(model, ids, 24, temperature=0, stop_ids=stops, max_rows=5, check_every=4,
-                           cuda_graphs=True)
+                           cuda_graphs=True, stats=stats)
     assert ours == hf_greedy(model, tok, PROMPTS, 24, eos=stops) * 2
+    assert stats["graphs"] == len(captured) and stats["capture_s"] > 0 and stats["steps"] % 4 == 0
     L = -(-(max(map(len, ids)) + 24) // 16) * 16  # columns: a multiple of 16
     assert len(set(captured)) == len(captured) and {b for b, _ in captured} <= {1, 2, 4, 5}
     assert all(t == L for _, t in captured) if attention in ("varlen", "flex") else \
