@@ -157,20 +157,20 @@ def normalize_answer(s):
         s = s[1]
     elif re.fullmatch(r"\([A-E]\)[^(),]+", s):  # "(C) 12": the option letter with its text (MATH's choices)
         s = s[1]
-    s = ",".join(_plus_minus(entry) for entry in _top_level_split(s))
-    s = "".join(_canonical_piece(piece) for piece in _PIECES.split(s))
-    entries = _top_level_split(s)
-    return ",".join(sorted(entries)) if len(entries) > 1 else s
+    entries = [value for entry in _top_level_split(s) for value in _plus_minus(entry)]
+    entries = ["".join(_canonical_piece(piece) for piece in _PIECES.split(entry)) for entry in entries]
+    return ",".join(sorted(entries))
 
 
 def _plus_minus(entry):
-    """An entry with one \\pm outside brackets as its two values, "a+b,a-b" (models write both ways)."""
+    """The values of an entry: with one \\pm outside brackets, its two, a+b and a-b (models write both
+    ways); else the entry itself."""
     depth = _depths(entry)
     cut = [m.start() for m in re.finditer(r"\\pm(?![A-Za-z])", entry) if depth[m.start()] == 0]
     if len(cut) != 1:
-        return entry
+        return [entry]
     a, b = entry[: cut[0]], entry[cut[0] + 3 :]
-    return f"{a}+{b},{a}-{b}"
+    return [f"{a}+{b}", f"{a}-{b}"]
 
 
 def _depths(s):
