@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sample import (cast_weights, default_kv_budget_gb, finished, generate, kv_bytes_per_token, load_model,
-                    random_model, rows_for_budget, sample_next, stop_ids, tiny_model)
+                    inverse_cdf, random_model, rows_for_budget, sample_next, stop_ids, tiny_model)
 
 PROMPTS = ["What is 2 + 3?", "hi", "Tom has 4 apples and buys 7 more. How many now?", "x"]
 
@@ -111,6 +111,46 @@ def test_sampled_distribution_matches_softmax(temperature, top_k, top_p):
     assert np.all(freq[p == 0] == 0)
     sigma = np.sqrt(p * (1 - p) / n) + 1e-12
     assert np.max(np.abs(freq - p) / np.where(p > 0, sigma, 1)) < 5  # every token within 5 sigma
+
+
+@pytest.mark.parametrize("V,block", [(1000, 64), (1030, 64), (300, 1024)])
+def test_inverse_cdf_in_blocks_draws_the_token_of_one_running_sum(V, block):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, V, generator=g) * 3
+    logits[:, ::7] = float("-inf")  # tokens of probability 0, the last one among them at V = 1030
+    logits[:, 64:192] = float("-inf")  # and whole blocks of them
+    probs = logits.softmax(-1)
+    for _ in range(20):
+        u = torch.rand(16, generator=g, dtype=torch.float64)
+        cdf = probs.double().cumsum(-1)  # the reference: one running sum over the whole vocabulary
+        expected = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(-1)
+        assert torch.equal(inverse_cdf(probs, u, block), expected)
+    # the ends: u = 0 draws the first token of positive probability, the largest u below 1 the last one
+    kept = (probs[0] > 0).nonzero().squeeze(-1)
+    ends = inverse_cdf(probs[:1].expand(2, -1), torch.tensor([0.0, 1 - 2**-53], dtype=torch.float64), block)
+    assert ends.tolist() == [kept[0].item(), kept[-1].item()]
+
+
+def test_inverse_cdf_at_the_boundaries_of_tokens_and_blocks():
+    # 256 tokens of probability 1/256 each (exact in binary), blocks of 64: u = k / 256 falls exactly
+    # at the end of token k - 1 (of block k // 64 - 1 when k is a multiple of 64) and draws token k
+    probs = torch.full((256, 256), 1 / 256)
+    u = torch.arange(256, dtype=torch.float64) / 256
+    assert inverse_cdf(probs, u, 64).tolist() == list(range(256))
+
+
+def test_inverse_cdf_when_the_share_inside_a_block_rounds_to_one():
+    # the largest u below 1 lands one ulp below the total; minus the first block's sum, that rounds to what
+    # the total minus it rounds to, a share of 1 of the last block: still its last token of positive mass
+    probs = torch.tensor([[7.647654731712805e-10, 4.190463531728028e-09, 3.995033637238521e-09, 4.986162149833717e-09,
+                           0.24126392602920532, 0.6084074974060059, 0.31797468662261963, 0.0]])
+    assert inverse_cdf(probs, torch.tensor([1 - 2**-53], dtype=torch.float64), 4).item() == 6
+
+
+def test_inverse_cdf_of_nan_probabilities_draws_tokens_in_range():
+    # a diverged model's NaN logits: some token of the vocabulary, not an index past its end (on CUDA a device assert)
+    tokens = inverse_cdf(torch.full((3, 1030), float("nan")), torch.tensor([0.0, 0.5, 1 - 2**-53], dtype=torch.float64), 64)
+    assert ((tokens >= 0) & (tokens < 1030)).all()
 
 
 def test_first_tokens_of_generate_follow_the_model_softmax(tok):
