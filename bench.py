@@ -444,6 +444,8 @@ def main(argv=None):
     device_name = torch.cuda.get_device_name() if gpu else platform.processor() or "cpu"
     print(f"{device_name}, torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
     model, tok = load_model(name, args.device, dtype)
+    if engine.supports(model):  # as the loop does to its sampling copy (HF's columns read the same weights)
+        engine.fuse(model)
     batches = [int(b) for b in (args.batches or ("64,256,512" if gpu else "1,8,32")).split(",")]
     if name.startswith("random:"):
         cases, pad_id = random_cases(model.config.vocab_size, batches, args.cases, args.max_new, args.seed), 0

@@ -271,10 +271,14 @@ def test_other_architectures_fall_back_to_the_eager_loop(tok):
         generate(mistral, ids, 6, engine="vllm")
 
 
-def test_sampling_copy_follows_the_policy_after_an_update(tok):
+@pytest.mark.parametrize("fused", [False, True])
+def test_sampling_copy_follows_the_policy_after_an_update(tok, fused):
+    # fused: the sync's in-place copies into the modules' weights land in the joined weights the step reads
     policy = tiny_model("qwen3")
     sampler = sampling_copy(policy, torch.float64)  # another dtype: a real copy, as bfloat16 on a GPU
     assert sampler is not policy and sampling_copy(policy, torch.float32) is policy
+    if fused:
+        engine.fuse(sampler)
     ids = [tok.encode("abc"), tok.encode("hello world")]
     before = engine.generate(sampler, ids, 16, temperature=0)
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.5)
@@ -286,6 +290,41 @@ def test_sampling_copy_follows_the_policy_after_an_update(tok):
     sync_sampling_copy(sampler, policy)
     after = engine.generate(sampler, ids, 16, temperature=0)
     assert after == expected and after != before
+    assert hasattr(sampler.model.layers[0].self_attn, "qkv") == fused
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_model("qwen3"), lambda: tiny_model("llama"),
+                                  lambda: small(Qwen2ForCausalLM, Qwen2Config),  # q / k / v biases
+                                  lambda: small(LlamaForCausalLM, LlamaConfig, attention_bias=True, mlp_bias=True)])
+def test_fused_projections_compute_what_the_modules_compute(make, tok):
+    model, fused = make().eval(), make().eval()  # the same seed: the same weights
+    engine.fuse(fused)
+    attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    # the modules' weights (and biases) are views into the joined ones: no weight twice, the state dict as it was
+    assert attn.k_proj.weight.data_ptr() == attn.qkv[0][attn.q_proj.out_features].data_ptr()
+    assert attn.v_proj.weight.data_ptr() == attn.qkv[0][-attn.v_proj.out_features].data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == mlp.gate_up[0][mlp.gate_proj.out_features].data_ptr()
+    if attn.k_proj.bias is not None:
+        assert attn.k_proj.bias.data_ptr() == attn.qkv[1][attn.q_proj.out_features].data_ptr()
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in model.parameters())
+    state, expected = fused.state_dict(), model.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], v) for k, v in expected.items())
+    with torch.no_grad():  # HF's forward (the prefill) reads the same numbers through the views
+        assert torch.equal(fused(torch.tensor([list(range(1, 40))])).logits, model(torch.tensor([list(range(1, 40))])).logits)
+    ids = [tok.encode(t) for t in PROMPTS]
+    assert engine.generate(fused, ids, 16, temperature=0, max_rows=3) == hf_greedy(model, tok, PROMPTS, 16)
+    assert hasattr(attn, "qkv") and hasattr(mlp, "gate_up")  # still joined after a generate call
+
+
+def test_a_fused_model_recast_after_runs_its_modules_weights(tok):
+    # .double() gives every weight a new tensor: the joined float32 weights are stale, and dropped
+    model = tiny_model("qwen3").eval()
+    engine.fuse(model)
+    model.double()
+    ids = [tok.encode(t) for t in PROMPTS]
+    assert engine.generate(model, ids, 12, temperature=0) == generate_eager(model, ids, 12, temperature=0)
+    layer = model.model.layers[0]
+    assert not hasattr(layer.self_attn, "qkv") and not hasattr(layer.mlp, "gate_up")
 
 
 def test_the_bfloat16_sampling_copy_is_what_from_pretrained_loads(tmp_path):
@@ -324,11 +363,13 @@ def test_profile_times_every_variant_of_the_same_step():
     # each attention, on rows at one position and on rows spread over positions, computes the step the
     # engine computes; and the profile puts the tokens and positions back before each variant
     model = tiny_model("qwen3")
+    engine.fuse(model)
     with torch.no_grad():
         results = engine.profile_step(model, 4, 32)
     assert [(r["rows"], r["name"]) for r in results] == [
         ("equal", "sdpa attention"), ("equal", "matmul attention"), ("equal", "flex attention"),
-        ("equal", "argmax, no sampling"), ("equal", "HF's RMSNorm modules"), ("equal", "torch.compile"),
+        ("equal", "argmax, no sampling"), ("equal", "HF's RMSNorm modules"), ("equal", "unfused projections"),
+        ("equal", "torch.compile"),
         ("spread", "sdpa attention"), ("spread", "matmul attention"), ("spread", "flex attention")]
     assert all(r["diff"] < 1e-5 and r["ms"] > 0 for r in results)
     assert results[3]["diff"] == results[4]["diff"] == 0  # the same attention: the same numbers
