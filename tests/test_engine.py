@@ -1,6 +1,8 @@
 """The fast engine against HF generate and the eager loop (greedy, token for token), its slots and
 buckets, and its sampling against the softmax it claims to sample."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -375,11 +377,15 @@ def test_profile_times_every_variant_of_the_same_step():
     assert results[3]["diff"] == results[4]["diff"] == 0  # the same attention: the same numbers
 
 
-def test_compiled_layers_and_sampler_compute_the_eager_step(model, tok, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])
+def test_compiled_layers_and_sampler_compute_the_eager_step(model, tok, fused, monkeypatch):
     # engine.COMPILE: each layer's step and the sampler through torch.compile (Inductor, here its CPU code) give
     # the logits of the eager step and the same greedy and sampled tokens, with slots refilled and row counts
-    # changing (dynamic shapes)
+    # changing (dynamic shapes); also with fuse()'s joined weights, as the loop runs its sampling copy
     from torch._dynamo.utils import counters
+    if fused:
+        model = copy.deepcopy(model)
+        engine.fuse(model)
     ids = [tok.encode(t) for t in PROMPTS]
     slots = engine.Slots(model, 3, 48, 1, torch.float32, torch.device("cpu"))
     slots.tok.random_(200, generator=torch.Generator().manual_seed(0))
