@@ -30,19 +30,22 @@ from hms import extract_answer
 MODES = ("gated", "additive")
 EPS = 1e-12
 
+# The fused layout's three sections, in order. selfharmony.py writes the reframer's prompts from these names
+# (a section renamed on one side only would zero every format score).
+SECTIONS = ("STRATEGY", "REWRITTEN PROBLEM", "SOLUTION")
 # a section header at the start of a line, markdown allowed: "**STRATEGY:**", "## Solution:"
 # (bounded repeats, so a line of a million "*" cannot make the regex backtrack through it)
-_HEADER = re.compile(r"^[ \t>#*_]{0,12}(strategy|rewritten[ \t]+problem|solution)[ \t*_]{0,6}:[ \t*_]*",
-                     re.I | re.M)
+_NAMES = "|".join(name.replace(" ", r"[ \t]+") for name in SECTIONS)  # "REWRITTEN  problem" too
+_HEADER = re.compile(r"^[ \t>#*_]{0,12}(%s)[ \t*_]{0,6}:[ \t*_]*" % _NAMES, re.I | re.M)
 _PLACEHOLDER = re.compile(r"\[[^\[\]]*\]|<[^<>]*>|\{[^{}]*\}")  # "[...]", "<rewritten problem>"
 
 
 def _sections(text):
-    """{'strategy' | 'rewritten problem' | 'solution': text up to the next header}, first of each."""
+    """{'STRATEGY' | 'REWRITTEN PROBLEM' | 'SOLUTION': text up to the next header}, first of each."""
     headers = list(_HEADER.finditer(text))
     sections = {}
     for h, following in zip(headers, headers[1:] + [None]):
-        name = " ".join(h.group(1).lower().split())
+        name = " ".join(h.group(1).upper().split())
         sections.setdefault(name, text[h.end():following.start() if following else len(text)])
     return sections
 
@@ -58,16 +61,14 @@ def _has_content(section):
 def format_score(text):
     """(# of the three sections present with real content) / 3; the SOLUTION must hold a box.
     P_format = 1 - format_score."""
-    sections = _sections(text)
-    solution = sections.get("solution")
-    return (_has_content(sections.get("strategy"))
-            + _has_content(sections.get("rewritten problem"))
+    strategy, problem, solution = map(_sections(text).get, SECTIONS)
+    return (_has_content(strategy) + _has_content(problem)
             + (_has_content(solution) and extract_answer(solution) is not None)) / 3
 
 
 def rewritten_problem(text):
     """The REWRITTEN PROBLEM section (x'), stripped; None if missing, empty or a placeholder."""
-    section = _sections(text).get("rewritten problem")
+    section = _sections(text).get(SECTIONS[1])
     return section.strip() if _has_content(section) else None
 
 

@@ -62,22 +62,23 @@ from sample import (default_kv_budget_gb, finished, generate, kv_bytes_per_token
 REFRAME_STRATEGIES = ("make it concrete with a small example or story, generalise it, move it to another "
                       "domain, work backward from what is asked, add one irrelevant detail, or tell it from "
                       "inside the problem")
+STRATEGY, REWRITTEN, SOLUTION = rewards.SECTIONS  # the headers rewards.py reads
 FUSED_SYSTEM = (
     "First rewrite the problem in a different way, then solve your rewritten problem.\n"
     f"Choose one strategy: {REFRAME_STRATEGIES}. Keep the logic, every number and the answer exactly the "
     "same, and do not copy long runs of the original words.\n"
     "Reply in exactly this layout:\n"
-    "STRATEGY: <the strategy you chose, one line>\n"
-    "REWRITTEN PROBLEM: <the problem, rewritten>\n"
-    "SOLUTION: <step-by-step solution of the rewritten problem, ending with the final answer in \\boxed{}>"
+    f"{STRATEGY}: <the strategy you chose, one line>\n"
+    f"{REWRITTEN}: <the problem, rewritten>\n"
+    f"{SOLUTION}: <step-by-step solution of the rewritten problem, ending with the final answer in \\boxed{{}}>"
 )
 REWRITE_SYSTEM = (
     "Rewrite the problem in a different way. Do not solve it.\n"
     f"Choose one strategy: {REFRAME_STRATEGIES}. Keep the logic, every number and the answer exactly the "
     "same, and do not copy long runs of the original words.\n"
     "Reply in exactly this layout:\n"
-    "STRATEGY: <the strategy you chose, one line>\n"
-    "REWRITTEN PROBLEM: <the problem, rewritten>"
+    f"{STRATEGY}: <the strategy you chose, one line>\n"
+    f"{REWRITTEN}: <the problem, rewritten>"
 )
 
 

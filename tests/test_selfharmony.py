@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import grpo
+import rewards
 import selfharmony
 from sample import byte_tokenizer, tiny_model
 
@@ -58,6 +60,15 @@ def test_two_step_run_logs_every_field(tmp_path, extra):
     assert {s["view"] for s in samples} >= {"solve"} and all("text" in s for s in samples)
     model = type(tiny_model()).from_pretrained(tmp_path / "ckpt")  # a plain Hugging Face folder
     assert model.config.vocab_size == 259
+
+
+def test_the_reframers_layout_is_the_one_rewards_reads():
+    # each prompt's layout with its placeholders filled in: a full format score, and its rewritten problem
+    fill = iter(["make it concrete", "Ann has 3 apples and gets 4 more. How many now?", "3 + 4 = \\boxed{7}"] * 2)
+    for system, score in ((selfharmony.FUSED_SYSTEM, 1.0), (selfharmony.REWRITE_SYSTEM, 2 / 3)):
+        layout = re.sub(r"<[^<>]*>", lambda _: next(fill), system.split("layout:\n")[1])
+        assert rewards.format_score(layout) == pytest.approx(score)  # the rewrite asks for no SOLUTION
+        assert rewards.rewritten_problem(layout) == "Ann has 3 apples and gets 4 more. How many now?"
 
 
 def test_each_rollout_is_rewarded_against_its_own_question():
