@@ -289,17 +289,18 @@ def update_flops(config, prompt_lengths, completion_lengths, kl=True):
 
 
 def paper_rows(rows, prompt_len, mean_completion, max_completion, vocab, seed):
-    """The loop's batch (selfharmony.make_batch) of `rows` random rows: prompts of prompt_len +- 40%,
+    """The loop's batch (grpo.pad_rollouts) of `rows` random rows: prompts of prompt_len +- 40%,
     completions drawn uniformly around mean_completion and cut at max_completion, half of them
     view 1; with the prompt and completion lengths."""
-    from selfharmony import make_batch
+    import grpo
     g = torch.Generator().manual_seed(seed)
     P = torch.randint(int(0.6 * prompt_len), int(1.4 * prompt_len) + 1, (rows,), generator=g).tolist()
     C = torch.randint(mean_completion // 4, 2 * mean_completion - mean_completion // 4, (rows,), generator=g)
     C = C.clamp(1, max_completion).tolist()
     tokens = lambda k: torch.randint(0, vocab, (k,), generator=g).tolist()
     pairs = [(tokens(p), tokens(c)) for p, c in zip(P, C)]
-    batch = make_batch(pairs, torch.randn(rows, generator=g), pad_id=0, views=[int(i >= rows // 2) for i in range(rows)])
+    views = torch.tensor([int(i >= rows // 2) for i in range(rows)])
+    batch = grpo.Rollouts(*grpo.pad_rollouts(pairs, pad_id=0), torch.randn(rows, generator=g), views=views)
     return batch, P, C
 
 
@@ -344,7 +345,7 @@ def bench_update(args):
     # a small one on the CPU, so that the whole benchmark takes under a minute
     rows, prompt_len, mean_c, max_c = (args.rows or 128, 250, 700, 1024) if gpu else (args.rows or 4, 40, 80, 128)
     batch, P, C = paper_rows(rows, prompt_len, mean_c, max_c, model.config.vocab_size, args.seed)
-    batch = grpo.Rollouts(**{k: None if v is None else v.to(args.device) for k, v in vars(batch).items()})
+    batch = batch.to(args.device)
     tokens = int(batch.attention_mask.sum())
     flops = update_flops(model.config, P, C)
     rate = matmul_rate(args.device, compute)

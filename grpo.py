@@ -159,6 +159,20 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, kl_coef=
     return loss, stats
 
 
+def pad_rollouts(pairs, pad_id):
+    """(input_ids, attention_mask, completion_mask), each (N, P + C), of N (prompt, completion) token lists:
+    row i is prompt i left-padded to the longest prompt P, then completion i right-padded to the longest
+    completion C. The masks come from lengths, never from token values (the pad id may be EOS)."""
+    P, C = max(len(p) for p, _ in pairs), max(len(c) for _, c in pairs)
+    ids = torch.full((len(pairs), P + C), pad_id, dtype=torch.long)
+    attention, completion = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (p, c) in enumerate(pairs):
+        ids[i, P - len(p) : P + len(c)] = torch.tensor(p + c, dtype=torch.long)
+        attention[i, P - len(p) : P + len(c)] = 1
+        completion[i, P : P + len(c)] = 1
+    return ids, attention, completion
+
+
 @dataclass
 class Rollouts:
     """A padded batch of prompt+completion rows, one rollout a row, ready for step()."""
@@ -210,6 +224,10 @@ class Rollouts:
         """A Rollouts of `rows`, the (B, T) fields cut by cut_2d."""
         cut = lambda x: None if x is None else cut_2d(x) if x.dim() == 2 else x[rows]
         return Rollouts(*(cut(getattr(self, f.name)) for f in fields(self)))
+
+    def to(self, device):
+        """The same rollouts on `device`."""
+        return Rollouts(*(None if x is None else x.to(device) for x in (getattr(self, f.name) for f in fields(self))))
 
 
 def view_token_counts(completion_mask, views):

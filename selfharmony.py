@@ -25,7 +25,8 @@ only to measure, unless --selector gt.
     python selfharmony.py --model smollm2 --data arith --reframe given  # the offline CPU demo (README)
     python selfharmony.py --model Qwen/Qwen3-1.7B-Base --data math500 --data-dir ../shared/data
     torchrun --standalone --nproc_per_node=8 selfharmony.py --model Qwen/Qwen3-1.7B-Base ...
-    torchrun --standalone --nproc_per_node=8 selfharmony.py --model Qwen/Qwen3-4B-Base --fsdp --grad-checkpointing ...
+    torchrun --standalone --nproc_per_node=8 selfharmony.py --model Qwen/Qwen3-4B-Base \\
+        --fsdp --grad-checkpointing ...
 """
 
 import argparse
@@ -43,8 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 from tqdm import tqdm
 
 import engine
@@ -70,7 +71,8 @@ FUSED_SYSTEM = (
     "Reply in exactly this layout:\n"
     f"{STRATEGY}: <the strategy you chose, one line>\n"
     f"{REWRITTEN}: <the problem, rewritten>\n"
-    f"{SOLUTION}: <step-by-step solution of the rewritten problem, ending with the final answer in \\boxed{{}}>"
+    f"{SOLUTION}: <step-by-step solution of the rewritten problem, ending with the final answer "
+    "in \\boxed{}>"
 )
 REWRITE_SYSTEM = (
     "Rewrite the problem in a different way. Do not solve it.\n"
@@ -86,23 +88,34 @@ def make_parser():
     p = argparse.ArgumentParser(description="Self-Harmony test-time RL (defaults: the release's settings).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     # model and data
-    p.add_argument("--model", default="Qwen/Qwen3-1.7B-Base", help="hub id, local folder, .gguf, 'smollm2' or 'tiny'")
-    p.add_argument("--data", default="math500", help="benchmark name, 'arith', or a .jsonl file in the schema")
-    p.add_argument("--data-dir", default=None, help="folder of the benchmark files (default: $SELFHARMONY_DATA)")
+    p.add_argument("--model", default="Qwen/Qwen3-1.7B-Base",
+                   help="hub id, local folder, .gguf, 'smollm2' or 'tiny'")
+    p.add_argument("--data", default="math500",
+                   help="benchmark name, 'arith', or a .jsonl file in the schema")
+    p.add_argument("--data-dir", default=None,
+                   help="folder of the benchmark files (default: $SELFHARMONY_DATA)")
     p.add_argument("--limit", type=number(int, 1), default=None, help="train on the first N questions only")
     p.add_argument("--arith-n", type=number(int, 1), default=16, help="arith: number of questions")
     p.add_argument("--arith-seed", type=int, default=0, help="arith: which question set")
-    p.add_argument("--arith-level", type=number(int, 1, 3), default=1, help="arith: 1 one-digit sums, 2 two-digit +/-, 3 two steps")
+    p.add_argument("--arith-level", type=number(int, 1, 3), default=1,
+                   help="arith: 1 one-digit sums, 2 two-digit +/-, 3 two steps")
     # the method
-    p.add_argument("--selector", default="hms", choices=hms.SELECTORS, help="pseudo-label selector that trains")
-    p.add_argument("--reframe", default="fused", choices=("fused", "separate", "given"), help="how view 1 is made")
-    p.add_argument("--reward", default="gated", choices=rewards.MODES, help="fused reward: gated (paper) or additive")
-    p.add_argument("--w-format", type=number(float, 0, 1), default=0.1, help="weight of the format penalty P_format")
-    p.add_argument("--w-div", type=number(float, 0, 1), default=0.1, help="weight of the diversity penalty P_div")
-    p.add_argument("--n-rollouts", type=number(int, 2), default=16, help="G: rollouts a question in each view")
+    p.add_argument("--selector", default="hms", choices=hms.SELECTORS,
+                   help="pseudo-label selector that trains")
+    p.add_argument("--reframe", default="fused", choices=("fused", "separate", "given"),
+                   help="how view 1 is made")
+    p.add_argument("--reward", default="gated", choices=rewards.MODES,
+                   help="fused reward: gated (paper) or additive")
+    p.add_argument("--w-format", type=number(float, 0, 1), default=0.1,
+                   help="weight of the format penalty P_format")
+    p.add_argument("--w-div", type=number(float, 0, 1), default=0.1,
+                   help="weight of the diversity penalty P_div")
+    p.add_argument("--n-rollouts", type=number(int, 2), default=16,
+                   help="G: rollouts a question in each view")
     # sampling
     p.add_argument("--batch-size", type=number(int, 1), default=128, help="questions a step, over all ranks")
-    p.add_argument("--max-prompt-tokens", type=number(int, 1), default=1024, help="longest prompt; longer is an error")
+    p.add_argument("--max-prompt-tokens", type=number(int, 1), default=1024,
+                   help="longest prompt; longer is an error")
     p.add_argument("--max-new-tokens", type=number(int, 1), default=3072, help="longest completion")
     p.add_argument("--thinking-block", action="store_true",
                    help="render with enable_thinking=False (Qwen3 then adds an empty <think></think>); the "
@@ -111,53 +124,71 @@ def make_parser():
                    help="sampler: fast (engine.py: slot pool, CUDA graphs; default on cuda) or eager "
                         "(the reference; default on cpu)")
     p.add_argument("--kv-cache-gb", type=number(float, 0, above=True), default=None,
-                   help="KV cache budget; sets the rows in flight (default on cuda: half the free memory, less "
-                        "AdamW's; on cpu: one view's rollouts at a time)")
-    p.add_argument("--temperature", type=number(float, 0, above=True), default=1.0, help="sampling temperature, also divides logits when scoring")
+                   help="KV cache budget; sets the rows in flight (default on cuda: half the free memory, "
+                        "less AdamW's; on cpu: one view's rollouts at a time)")
+    p.add_argument("--temperature", type=number(float, 0, above=True), default=1.0,
+                   help="sampling temperature, also divides logits when scoring")
     # optimisation
     p.add_argument("--lr", type=number(float, 0, above=True), default=3e-6, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=number(float, 0), default=0.01, help="AdamW weight decay")
-    p.add_argument("--warmup", type=number(float, 0, 1), default=0.1, help="share of the steps for linear warm-up, then cosine")
-    p.add_argument("--kl-coef", type=number(float, 0), default=0.005, help="beta of the k3 KL loss term (0: no reference model)")
+    p.add_argument("--warmup", type=number(float, 0, 1), default=0.1,
+                   help="share of the steps for linear warm-up, then cosine")
+    p.add_argument("--kl-coef", type=number(float, 0), default=0.005,
+                   help="beta of the k3 KL loss term (0: no reference model)")
     p.add_argument("--clip-eps", type=number(float, 0, above=True), default=0.2, help="PPO clip range")
-    p.add_argument("--max-grad-norm", type=number(float, 0, above=True), default=1.0, help="gradient-norm clip")
-    p.add_argument("--loss-agg", default="view-token-mean", choices=("view-token-mean", "token-mean", "seq-mean"),
-                   help="each view's token-mean, added (the release), one token-mean over both views, or seq-mean")
-    p.add_argument("--adv-scale", default="std", choices=("std", "none"), help="divide advantages by the group std or not")
+    p.add_argument("--max-grad-norm", type=number(float, 0, above=True), default=1.0,
+                   help="gradient-norm clip")
+    p.add_argument("--loss-agg", default="view-token-mean",
+                   choices=("view-token-mean", "token-mean", "seq-mean"),
+                   help="each view's token-mean, added (the release), one token-mean over both views, "
+                        "or seq-mean")
+    p.add_argument("--adv-scale", default="std", choices=("std", "none"),
+                   help="divide advantages by the group std or not")
     p.add_argument("--micro-batch", type=number(int, 1), default=8,
                    help="rows a forward/backward pass, in order, when --micro-batch-tokens is 0")
     p.add_argument("--micro-batch-tokens", type=number(int, 0), default=None,
                    help="rows sorted by length, as many a pass as fill this many row x column slots (0: off; "
                         "default on cuda 16384, halved until the memory estimate fits; on cpu 0)")
     p.add_argument("--grad-checkpointing", type=number(int, 0), nargs="?", const=1, default=0, metavar="N",
-                   help="recompute activations in backward (saves memory): every layer's, or every N-th layer's "
-                        "(2: half the recomputation, about half the memory saved)")
+                   help="recompute activations in backward (saves memory): every layer's, or every N-th "
+                        "layer's (2: half the recomputation, about half the memory saved)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decoder layers, in the update (grpo.compile_layers) and in the fast "
-                        "engine's decode step (engine.COMPILE): fewer, fused kernels after tens of seconds of "
-                        "compilation")
+                   help="torch.compile the decoder layers, in the update (grpo.compile_layers) and in the "
+                        "fast engine's decode step (engine.COMPILE): fewer, fused kernels after tens of "
+                        "seconds of compilation")
     p.add_argument("--fsdp", action="store_true",
-                   help="under torchrun: shard the weights, gradients, AdamW state and reference over the ranks "
-                        "(FSDP2); each rank samples with a whole copy in the compute dtype")
-    p.add_argument("--steps", type=number(int, 1), default=None, help="optimiser steps (default: --epochs over the questions)")
-    p.add_argument("--epochs", type=number(int, 1), default=100, help="passes over the questions when --steps is not given")
+                   help="under torchrun: shard the weights, gradients, AdamW state and reference over the "
+                        "ranks (FSDP2); each rank samples with a whole copy in the compute dtype")
+    p.add_argument("--steps", type=number(int, 1), default=None,
+                   help="optimiser steps (default: --epochs over the questions)")
+    p.add_argument("--epochs", type=number(int, 1), default=100,
+                   help="passes over the questions when --steps is not given")
     # evaluation, logging, checkpoints
-    p.add_argument("--eval-every", type=number(int, 0), default=0, help="mean@k on the same questions every N steps (0: start and end only)")
-    p.add_argument("--eval-n", type=number(int, 1), default=16, help="samples a question for mean@k (paper: 16)")
-    p.add_argument("--eval-max-new-tokens", type=number(int, 1), default=None, help="longest eval completion (default: --max-new-tokens)")
+    p.add_argument("--eval-every", type=number(int, 0), default=0,
+                   help="mean@k on the same questions every N steps (0: start and end only)")
+    p.add_argument("--eval-n", type=number(int, 1), default=16,
+                   help="samples a question for mean@k (paper: 16)")
+    p.add_argument("--eval-max-new-tokens", type=number(int, 1), default=None,
+                   help="longest eval completion (default: --max-new-tokens)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation entirely")
-    p.add_argument("--log-texts", type=number(int, 0), default=2, help="full rollout texts logged a step and view")
-    p.add_argument("--save-every", type=number(int, 0), default=10, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--log-texts", type=number(int, 0), default=2,
+                   help="full rollout texts logged a step and view")
+    p.add_argument("--save-every", type=number(int, 0), default=10,
+                   help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--save-minutes", type=number(float, 0), default=30,
                    help="also checkpoint when this long has passed since the last one (0: never by time)")
     p.add_argument("--out-dir", default=None,
-                   help="log, samples, checkpoint and plot go here (default: a new runs/<model>-<data>-<selector>-<time>)")
-    p.add_argument("--plot", action="store_true", help="only draw <out-dir>/curves.png from its log.jsonl, and exit")
+                   help="log, samples, checkpoint and plot go here (default: a new "
+                        "runs/<model>-<data>-<selector>-<time>)")
+    p.add_argument("--plot", action="store_true",
+                   help="only draw <out-dir>/curves.png from its log.jsonl, and exit")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt")
-    p.add_argument("--stop-after", type=number(int, 0), default=0, help="stop after N steps of this run with a checkpoint, as Ctrl-C does")
+    p.add_argument("--stop-after", type=number(int, 0), default=0,
+                   help="stop after N steps of this run with a checkpoint, as Ctrl-C does")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
-                   help="compute dtype of sampling and the update's autocast (default: bfloat16 on cuda, float32 on cpu)")
+                   help="compute dtype of sampling and the update's autocast (default: bfloat16 on cuda, "
+                        "float32 on cpu)")
     p.add_argument("--seed", type=number(int, 0), default=0, help="seed of data order and sampling")
     return p
 
@@ -168,8 +199,8 @@ def parse_args(argv=None):
 
 # the flags that define a run: --resume takes them from the checkpoint and refuses other values
 # (the rest steer logging, evaluation, saving, memory or the device, and may change)
-RUN_FLAGS = ("model", "data", "limit", "arith_n", "arith_seed", "arith_level", "selector", "reframe", "reward",
-             "w_format", "w_div", "n_rollouts", "batch_size", "max_prompt_tokens", "max_new_tokens",
+RUN_FLAGS = ("model", "data", "limit", "arith_n", "arith_seed", "arith_level", "selector", "reframe",
+             "reward", "w_format", "w_div", "n_rollouts", "batch_size", "max_prompt_tokens", "max_new_tokens",
              "thinking_block", "temperature", "lr", "weight_decay", "warmup", "kl_coef", "clip_eps",
              "max_grad_norm", "loss_agg", "adv_scale", "steps", "epochs", "seed",
              "fsdp")  # not the run's maths, but the layout of AdamW's state in its checkpoint
@@ -185,7 +216,8 @@ def resume_args(args, argv, saved):
     KEPT_FLAGS not given on the command line are the run's too."""
     argv = sys.argv[1:] if argv is None else argv
     flag = lambda k: "--" + k.replace("_", "-")
-    named = lambda k: any(a == flag(k) or a.startswith(flag(k) + "=") for a in argv)  # the parser takes no abbreviations
+    # the parser takes no abbreviations
+    named = lambda k: any(a == flag(k) or a.startswith(flag(k) + "=") for a in argv)
     changed = [f"{flag(k)} {getattr(args, k)} (the run's: {saved[k]})" for k in RUN_FLAGS
                if k in saved and named(k) and getattr(args, k) != saved[k]]
     if changed:
@@ -238,9 +270,10 @@ def rollout(sampler, tokenizer, rows, args, generator, stops):
         prompts1 = [solver_prompt(tokenizer, r, args, r["reframed"]) for r in rows]
     else:  # separate: one rewrite a question, then G solutions of the rewrite
         asks = [encode(tokenizer, REWRITE_SYSTEM, format_question(r), args, r["id"]) for r in rows]
-        rewrites = [rewards.rewritten_problem(tokenizer.decode(o, skip_special_tokens=True)) for o in sample(asks, 1)]
-        # a rewrite that missed the layout, or ran on so long that its solver prompt is over --max-prompt-tokens,
-        # falls back to the original wording (logged as the share rewrite_failed)
+        rewrites = [rewards.rewritten_problem(tokenizer.decode(o, skip_special_tokens=True))
+                    for o in sample(asks, 1)]
+        # a rewrite that missed the layout, or ran on so long that its solver prompt is over
+        # --max-prompt-tokens, falls back to the original wording (logged as the share rewrite_failed)
         prompts1 = []
         for i, (r, x) in enumerate(zip(rows, rewrites)):
             ids = x and prompt_ids(tokenizer, *solver_messages({**r, "problem": x}), args.thinking_block)
@@ -275,23 +308,8 @@ def label_and_reward(rows, texts0, texts1, done0, done1, args):
     return r0, r1, records
 
 
-def make_batch(pairs, advantages, pad_id, views=None):
-    """One padded grpo.Rollouts of (prompt, completion) pairs: row i = prompt (left-padded) +
-    completion (right-padded), from view views[i] (0 or 1). Masks come from lengths, never from
-    token values (pad may be EOS)."""
-    P, C = max(len(p) for p, _ in pairs), max(len(c) for _, c in pairs)
-    ids = torch.full((len(pairs), P + C), pad_id, dtype=torch.long)  # (N, P + C)
-    attention, completion = torch.zeros_like(ids), torch.zeros_like(ids)
-    for i, (p, c) in enumerate(pairs):
-        ids[i, P - len(p) : P + len(c)] = torch.tensor(p + c)
-        attention[i, P - len(p) : P + len(c)] = 1
-        completion[i, P : P + len(c)] = 1
-    views = None if views is None else torch.as_tensor(views, dtype=torch.long)
-    return grpo.Rollouts(ids, attention, completion, torch.as_tensor(advantages, dtype=torch.float32), views=views)
-
-
-def train_step(model, policy, sampler, tokenizer, optimizer, scheduler, ref_model, rows, args, generator, stops,
-               pad_id, autocast):
+def train_step(model, policy, sampler, tokenizer, optimizer, scheduler, ref_model, rows, args, generator,
+               stops, pad_id, autocast):
     """Algorithm 1 on one batch of questions: both views drawn from the sampling copy, every selector's
     labels, rewards, one GRPO update on the rollouts of both views (by default each view's token-mean,
     the two added), and the sampling copy refreshed with the updated weights. policy: the model, or
@@ -307,10 +325,11 @@ def train_step(model, policy, sampler, tokenizer, optimizer, scheduler, ref_mode
     G = args.n_rollouts  # advantages per question and per view
     advantages = torch.cat([grpo.group_advantages(r0, G, scale=args.adv_scale),
                             grpo.group_advantages(r1, G, scale=args.adv_scale)])
-    pairs = ([(prompts0[i // G], c) for i, c in enumerate(comps0)] +  # every row keeps its own question's prompt
+    # every row keeps its own question's prompt
+    pairs = ([(prompts0[i // G], c) for i, c in enumerate(comps0)] +
              [(prompts1[i // G], c) for i, c in enumerate(comps1)])
-    batch = make_batch(pairs, advantages, pad_id, views=[0] * len(comps0) + [1] * len(comps1))
-    batch = grpo.Rollouts(**{k: None if v is None else v.to(model.device) for k, v in vars(batch).items()})
+    views = torch.tensor([0] * len(comps0) + [1] * len(comps1))
+    batch = grpo.Rollouts(*grpo.pad_rollouts(pairs, pad_id), advantages, views=views).to(model.device)
     t2 = time.perf_counter()
     policy.train()
     with autocast:
@@ -329,11 +348,13 @@ def step_summary(records, r0, r1, comps0, comps1, rewrites, stops):
     G = len(r0) // len(records)
     out = {"reward0": float(np.mean(r0)), "reward1": float(np.mean(r1))}
     for s in hms.SELECTORS:  # (label of view 0, label of view 1): they differ under cross only
-        out[f"label_acc/{s}"] = float(np.mean([y == rec["gold"] for rec in records for y in rec["labels"][s]]))
+        out[f"label_acc/{s}"] = float(np.mean([y == rec["gold"] for rec in records
+                                               for y in rec["labels"][s]]))
         out[f"no_label/{s}"] = float(np.mean([y is None for rec in records for y in rec["labels"][s]]))
     for v in ("0", "1"):  # how often each view reaches the gold answer: is the view invariance there?
         out[f"acc{v}"] = float(np.mean([a == rec["gold"] for rec in records for a in rec["answers" + v]]))
-    out["hms_mv_agree"] = float(np.mean([rec["labels"]["hms"][0] == rec["labels"]["mv"][0] for rec in records]))
+    out["hms_mv_agree"] = float(np.mean([rec["labels"]["hms"][0] == rec["labels"]["mv"][0]
+                                         for rec in records]))
     out["flat_groups"] = (grpo.count_flat_groups(r0, G) + grpo.count_flat_groups(r1, G)) / (2 * len(records))
     out["format"] = float(np.mean([rec["format"] for rec in records]))
     out["p_div"] = float(np.mean([rec["p_div"] for rec in records]))
@@ -399,7 +420,8 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step, args,
     the weights and AdamW's state are gathered whole onto rank 0's CPU (AdamW's keyed by weight name)."""
     if args.fsdp:
         whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights, optim = get_model_state_dict(model, options=whole), get_optimizer_state_dict(model, optimizer, options=whole)
+        weights, optim = (get_model_state_dict(model, options=whole),
+                          get_optimizer_state_dict(model, optimizer, options=whole))
         own = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
         weights = {k: v for k, v in weights.items() if k in own}  # a tied lm_head comes back as a second copy
     else:
@@ -411,14 +433,17 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step, args,
     try:
         model.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(), "args": vars(args)},
-                   tmp / "trainer.pt")
-    except (OSError, RuntimeError) as e:  # a full disk: torch says "[enforce fail at inline_container.cc:672]"
+        torch.save({"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(),
+                    "args": vars(args)}, tmp / "trainer.pt")
+    except (OSError, RuntimeError) as e:
+        # a full disk: torch says "[enforce fail at inline_container.cc:672]"
         shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(out_dir).free / 2**30
-        raise SystemExit(f"could not write the checkpoint of step {step} to {out_dir} ({str(e).strip()[:200]}); "
-                         f"{free:.1f} GiB free there. The last checkpoint stands: free some space, then --resume")
-    sync(tmp)  # on disk before the rename, so that a crash or power cut never leaves a renamed, half-written ckpt
+        raise SystemExit(f"could not write the checkpoint of step {step} to {out_dir} "
+                         f"({str(e).strip()[:200]}); {free:.1f} GiB free there. The last checkpoint stands: "
+                         "free some space, then --resume")
+    # on disk before the rename, so that a crash or power cut never leaves a renamed, half-written ckpt
+    sync(tmp)
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
@@ -427,7 +452,7 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step, args,
 
 
 def sync(folder):
-    """fsync a folder's files and the folder itself: written data reaches the disk, not only the page cache."""
+    """fsync a folder's files and the folder itself: written data reaches the disk, not just a cache."""
     for path in [*(p for p in folder.iterdir() if p.is_file()), folder]:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -465,15 +490,18 @@ def memory_plan(parts, activations_at, sampler, args, world, device, gathered=0)
     gib = lambda x: f"{x / 2**30:.1f}"
     line = ("memory (GiB, estimated): " + " + ".join(f"{k} {gib(v)}" for k, v in parts.items() if v) +
             f", then the larger of the KV cache {gib(kv)} and the update's activations at {tokens} tokens a "
-            f"micro-batch {gib(activations)}" + (f" plus FSDP's gathered units {gib(gathered)}" if gathered else "") +
+            f"micro-batch {gib(activations)}" +
+            (f" plus FSDP's gathered units {gib(gathered)}" if gathered else "") +
             f": {gib(total)} of {gib(have)} on {where}")
     if total <= have:
         return line, True
-    every = args.grad_checkpointing  # 0 none, 1 every layer, N every N-th: checkpointing more layers saves memory
+    # 0 none, 1 every layer, N every N-th: checkpointing more layers saves memory
+    every = args.grad_checkpointing
     if every == 0:
         switches = ["--grad-checkpointing (or 2, every other layer)"]
     else:
-        switches = [] if every == 1 else ["--grad-checkpointing" + (f" {every // 2}" if every // 2 > 1 else "")]
+        switches = [] if every == 1 else ["--grad-checkpointing" +
+                                          (f" {every // 2}" if every // 2 > 1 else "")]
     switches += ["a lower --micro-batch-tokens" if args.micro_batch_tokens else "a lower --micro-batch",
                  "a lower --kv-cache-gb"] + (["--fsdp under torchrun"] if not args.fsdp else [])
     return line + ". It will not fit: try " + ", ".join(switches), False
@@ -498,8 +526,9 @@ def plot(log_path, png_path):
         axes[1].plot([r["step"] for r in train], [r[f"reward{v}"] for r in train], label=f"view {v}")
     axes[1].set_title("mean reward")
     for key in ("mean", "maj"):
-        axes[2].plot([r["step"] for r in evals], [next(v for k, v in r["eval"].items() if k.startswith(key + "@"))
-                                                  for r in evals], "o-", label=f"{key}@k")
+        axes[2].plot([r["step"] for r in evals],
+                     [next(v for k, v in r["eval"].items() if k.startswith(key + "@")) for r in evals],
+                     "o-", label=f"{key}@k")
     axes[2].set_title("accuracy on the questions")
     for ax in axes:
         ax.set_ylim(-0.02, 1.02)
@@ -533,14 +562,17 @@ def main(argv=None):
     if args.out_dir is None:
         if args.resume or args.plot:
             raise SystemExit("--resume and --plot need the run's --out-dir")
-        name = [f"runs/{Path(args.model).name}-{Path(args.data).stem}-{args.selector}-{time.strftime('%Y%m%d-%H%M%S')}"]
+        name = [f"runs/{Path(args.model).name}-{Path(args.data).stem}-{args.selector}-"
+                f"{time.strftime('%Y%m%d-%H%M%S')}"]
         if ddp:  # rank 0's clock names the folder for every rank
             dist.broadcast_object_list(name, src=0)
         args.out_dir = name[0]
     out_dir = Path(args.out_dir)
     if args.plot:
-        png = plot(out_dir / "log.jsonl", out_dir / "curves.png") if (out_dir / "log.jsonl").exists() else None
-        raise SystemExit(f"wrote {png}" if png else f"no plot: {out_dir}/log.jsonl missing or matplotlib not installed")
+        png = (plot(out_dir / "log.jsonl", out_dir / "curves.png") if (out_dir / "log.jsonl").exists()
+               else None)
+        raise SystemExit(f"wrote {png}" if png
+                         else f"no plot: {out_dir}/log.jsonl missing or matplotlib not installed")
     if not args.resume and any((out_dir / f).exists() for f in ("log.jsonl", "ckpt", "ckpt.old")):
         raise SystemExit(f"{out_dir} holds a run already: pass --resume to continue it, or another --out-dir")
     ckpt = out_dir / "ckpt" if (out_dir / "ckpt").exists() else out_dir / "ckpt.old"
@@ -548,7 +580,8 @@ def main(argv=None):
     if args.resume and not ckpt.exists():
         if not (out_dir / "log.jsonl").exists():
             raise SystemExit(f"--resume: no checkpoint in {out_dir}")
-        # killed before its first checkpoint: nothing to continue from, so the run starts over, with its own flags
+        # killed before its first checkpoint: nothing to continue from, so the run starts over,
+        # with its own flags
         print(f"--resume: {out_dir} has no checkpoint yet; the run starts over")
         for name in ("log.jsonl", "samples.jsonl"):
             (out_dir / name).unlink(missing_ok=True)
@@ -572,25 +605,29 @@ def main(argv=None):
     torch.manual_seed(args.seed)
 
     try:
-        questions = load_benchmark(args.data, args.data_dir, n=args.arith_n, seed=args.arith_seed, level=args.arith_level)
+        questions = load_benchmark(args.data, args.data_dir, n=args.arith_n, seed=args.arith_seed,
+                                   level=args.arith_level)
     except (OSError, ValueError) as e:
         raise SystemExit(f"data: {e}")
     questions = questions[: args.limit] if args.limit else questions
     if args.reframe == "given" and not all(q.get("reframed") for q in questions):
         raise SystemExit("--reframe given needs a 'reframed' wording in every row (arith rows have one)")
     if args.batch_size % world or args.batch_size > len(questions):
-        raise SystemExit(f"--batch-size {args.batch_size} must divide by {world} ranks and be <= {len(questions)} questions")
+        raise SystemExit(f"--batch-size {args.batch_size} must divide by {world} ranks and be "
+                         f"<= {len(questions)} questions")
     steps_per_epoch = len(questions) // args.batch_size
     total_steps = args.steps or args.epochs * steps_per_epoch
 
     # weights stay float32 (AdamW's lr-3e-6 updates vanish in bfloat16); bfloat16 is autocast compute
-    autocast = torch.autocast(device.split(":")[0], dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+    autocast = torch.autocast(device.split(":")[0], dtype=compute_dtype,
+                              enabled=compute_dtype != torch.float32)
     # under --fsdp the whole float32 weights stay on the CPU until fully_shard moves each rank's shard over
     home = "cpu" if args.fsdp else device
     model, tokenizer = load_model(str(ckpt) if args.resume else args.model, home, torch.float32)
     ref_model = None
     if args.kl_coef:  # the reference is the starting model (the run's --model), also after a resume
-        ref_model = load_model(args.model, home, torch.float32)[0] if args.resume else grpo.make_reference(model, args.kl_coef)
+        ref_model = (load_model(args.model, home, torch.float32)[0] if args.resume
+                     else grpo.make_reference(model, args.kl_coef))
         ref_model.requires_grad_(False)
     if args.grad_checkpointing:
         grpo.set_checkpointing(model, args.grad_checkpointing)
@@ -600,20 +637,24 @@ def main(argv=None):
     sampler = sampling_copy(model, compute_dtype, separate=args.fsdp).to(device)
     args.engine = args.engine or ("fast" if device.startswith("cuda") else "eager")
     if sampler is not model and args.engine == "fast" and engine.supports(sampler):
-        engine.fuse(sampler)  # q / k / v and gate / up weights joined (the sync's copies write through): 4 matmuls a layer for 7
+        # q / k / v and gate / up weights joined (the sync's copies write through): 4 matmuls a layer for 7
+        engine.fuse(sampler)
     auto_budget = args.micro_batch_tokens is None and device.startswith("cuda")
     if args.micro_batch_tokens is None:
         args.micro_batch_tokens = 16384 if device.startswith("cuda") else 0
     parts = resident_bytes(model, sampler, ref_model, args, world)
-    if args.kv_cache_gb is None:  # less what is not on the device yet: gradients, AdamW (and under --fsdp the shards)
-        to_come = parts["gradients"] + parts["AdamW"] + (parts["weights"] + parts["reference"] if args.fsdp else 0)
+    # less what is not on the device yet: gradients, AdamW (and under --fsdp the shards)
+    if args.kv_cache_gb is None:
+        to_come = parts["gradients"] + parts["AdamW"] + (parts["weights"] + parts["reference"]
+                                                         if args.fsdp else 0)
         args.kv_cache_gb = default_kv_budget_gb(device, reserve_gb=to_come / 2**30)
     # measured once, where the model is now (under --fsdp, the CPU), in the update's compute dtype
     with torch.autocast(model.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
         activations_at = grpo.activation_estimate(model)
     gathered = grpo.gathered_bytes(model) if args.fsdp else 0
     plan, fits = memory_plan(parts, activations_at, sampler, args, world, device, gathered)
-    while auto_budget and not fits and args.micro_batch_tokens > 1024:  # the default budget halves until it fits
+    # the default budget halves until it fits
+    while auto_budget and not fits and args.micro_batch_tokens > 1024:
         args.micro_batch_tokens //= 2
         plan, fits = memory_plan(parts, activations_at, sampler, args, world, device, gathered)
     if master:
@@ -622,7 +663,8 @@ def main(argv=None):
     if args.fsdp:  # this rank keeps a shard of the weights (and so of AdamW's state); `model` holds them
         policy = grpo.shard(model)
         ref_model = ref_model and grpo.shard(ref_model)
-    if args.compile:  # after the copies (a copy would call these layers) and the sharding (grpo.compile_layers)
+    # after the copies (a copy would call these layers) and the sharding (grpo.compile_layers)
+    if args.compile:
         for m in (model, ref_layers):
             if m is not None:
                 grpo.compile_layers(m)
@@ -630,11 +672,13 @@ def main(argv=None):
         if master:
             print("--compile: the first step compiles the decoder layers as it meets them (tens of seconds)")
     optimizer = grpo.make_optimizer(model, args.lr, args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: grpo.lr_schedule(s, total_steps, args.warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  lambda s: grpo.lr_schedule(s, total_steps, args.warmup))
     start = 0
     if args.resume:
         if args.fsdp:  # the whole state, keyed by weight name; each rank takes its shard
-            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
         else:
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -645,7 +689,8 @@ def main(argv=None):
                 truncate_log(path, start)
         if ddp:
             dist.barrier()
-        logged = [json.loads(line) for line in open(out_dir / "log.jsonl")] if (out_dir / "log.jsonl").exists() else []
+        logged = ([json.loads(line) for line in open(out_dir / "log.jsonl")]
+                  if (out_dir / "log.jsonl").exists() else [])
         final_eval = any("eval" in r and r["step"] == total_steps for r in logged)
         if start >= total_steps and (final_eval or args.no_eval):
             if master:
@@ -657,8 +702,10 @@ def main(argv=None):
     if master:
         print(vars(args))
         left = len(questions) % args.batch_size  # each epoch is a new shuffle: other questions wait each time
-        print(f"{len(questions)} questions, {args.batch_size} a step, {total_steps} steps, {world} rank(s), {device}"
-              + (f"; each epoch's last {left} questions in its shuffled order wait for the next epoch" if left else ""))
+        print(f"{len(questions)} questions, {args.batch_size} a step, {total_steps} steps, "
+              f"{world} rank(s), {device}"
+              + (f"; each epoch's last {left} questions in its shuffled order wait for the next epoch"
+                 if left else ""))
 
     def log(row):
         with open(log_path, "a") as f:
@@ -692,11 +739,13 @@ def main(argv=None):
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
 
-    skips, last_save, step = 0, time.monotonic(), start - 1  # step: the one in progress, for the messages below
+    # step: the one in progress, for the messages below
+    skips, last_save, step = 0, time.monotonic(), start - 1
     try:
         if start == 0:
             run_eval(0)
-        bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not master, desc="train")
+        bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not master,
+                   desc="train")
         for step in bar:
             indices, epoch = batch_indices(step, len(questions), args.batch_size, args.seed)
             rows = [questions[i] for i in indices[rank::world]]
@@ -723,21 +772,24 @@ def main(argv=None):
                     for view, v in (("solve", "0"), (args.reframe, "1")):
                         texts, rs = out["texts" + v], out["r" + v]
                         for i in range(min(args.log_texts, args.n_rollouts)):
-                            f.write(strict_json({"step": step + 1, "id": rows[0]["id"], "view": view, "text": texts[i],
-                                                "reward": rs[i], "label": out["records"][0]["labels"][args.selector]})
+                            f.write(strict_json({"step": step + 1, "id": rows[0]["id"], "view": view,
+                                                 "text": texts[i], "reward": rs[i],
+                                                 "label": out["records"][0]["labels"][args.selector]})
                                     + "\n")
                 acc = lambda s: "none" if row[f"no_label/{s}"] == 1 else f"{row[f'label_acc/{s}']:.2f}"
                 bar.write(f"step {step + 1}: reward {row['reward0']:.3f}/{row['reward1']:.3f}  label acc "
                           f"hms {acc('hms')} mv {acc('mv')}  kl {row['kl']:.4f}  "
-                          f"len {row['len0']:.0f}/{row['len1']:.0f}  {row['t_sample'] + row['t_reward'] + row['t_update']:.1f}s"
+                          f"len {row['len0']:.0f}/{row['len1']:.0f}  "
+                          f"{row['t_sample'] + row['t_reward'] + row['t_update']:.1f}s"
                           + ("  SKIPPED: NaN or inf gradient, weights unchanged" if row["skipped"] else ""))
 
             # the same on every rank: the gradient norm is summed over ranks before it is judged
             skips = skips + 1 if out["stats"]["skipped"] else 0
             if skips == MAX_SKIPS:
-                raise SystemExit(f"stopped at step {step + 1}: the gradient was NaN or inf in {MAX_SKIPS} steps in a "
-                                 "row, and those updates were skipped (no checkpoint written since). Lower --lr or "
-                                 "--max-grad-norm, or --resume from the last checkpoint")
+                raise SystemExit(f"stopped at step {step + 1}: the gradient was NaN or inf in {MAX_SKIPS} "
+                                 "steps in a row, and those updates were skipped (no checkpoint written "
+                                 "since). Lower --lr or --max-grad-norm, or --resume from the last "
+                                 "checkpoint")
 
             done = step + 1 == total_steps
             if args.stop_after and step + 1 - start >= args.stop_after and not done and not stop_requested:
@@ -764,18 +816,19 @@ def main(argv=None):
             run_eval(total_steps)
             if master:
                 png = plot(log_path, out_dir / "curves.png")
-                print(f"wrote {png}" if png else "no curves.png: matplotlib is not installed (pip install matplotlib, "
-                      f"then python selfharmony.py --plot --out-dir {out_dir})")
+                print(f"wrote {png}" if png else "no curves.png: matplotlib is not installed "
+                      f"(pip install matplotlib, then python selfharmony.py --plot --out-dir {out_dir})")
     except torch.OutOfMemoryError:
         raise SystemExit(f"out of memory in step {step + 1}: lower --micro-batch, --kv-cache-gb or "
-                         "--max-new-tokens, or add --grad-checkpointing; --resume continues from the last checkpoint")
+                         "--max-new-tokens, or add --grad-checkpointing; --resume continues from the last "
+                         "checkpoint")
     except OSError as e:  # the logs on a full disk (resume drops a half-written last line)
         if e.errno != errno.ENOSPC:
             raise
         raise SystemExit(f"disk full in step {step + 1} ({e}): free some space in {out_dir}, then --resume")
     except KeyboardInterrupt:  # the second Ctrl-C: checkpoints are written atomically, so the last one stands
-        raise SystemExit(f"interrupted in step {step + 1}; --resume --out-dir {out_dir} continues from the last "
-                         "checkpoint")
+        raise SystemExit(f"interrupted in step {step + 1}; --resume --out-dir {out_dir} continues from the "
+                         "last checkpoint")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

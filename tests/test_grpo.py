@@ -7,7 +7,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from grpo import (Rollouts, accumulate_gradients, count_flat_groups, group_advantages,
-                  grpo_loss, lr_schedule, make_optimizer, make_reference, step, token_logprobs)
+                  grpo_loss, lr_schedule, make_optimizer, make_reference, pad_rollouts, step, token_logprobs)
 
 V = 64
 
@@ -20,17 +20,17 @@ def tiny_model(seed=0, tie=False):
 
 
 def pad_batch(prompts, completions, pad_id=0):
-    """Left-pad prompts, right-pad completions; masks from lengths only, never token values."""
-    P = max(map(len, prompts))
-    C = max(map(len, completions))
-    ids = torch.full((len(prompts), P + C), pad_id)
-    attn = torch.zeros_like(ids)
-    comp = torch.zeros_like(ids)
-    for b, (p, c) in enumerate(zip(prompts, completions)):
-        ids[b, P - len(p):P + len(c)] = torch.tensor(p + c)
-        attn[b, P - len(p):P + len(c)] = 1
-        comp[b, P:P + len(c)] = 1
-    return ids, attn, comp
+    return pad_rollouts(list(zip(prompts, completions)), pad_id)
+
+
+def test_each_row_is_its_prompt_left_padded_then_its_completion_right_padded():
+    pairs = [([1, 2, 3], [11]), ([4, 5], [12, 13]), ([6], [14, 15, 16, 17]), ([7, 8, 9, 10], [])]
+    ids, attention, completion = pad_rollouts(pairs, pad_id=2)  # a pad id that is a real token of row 0
+    assert ids.shape == (4, 4 + 4) and ids.dtype == torch.long
+    for i, (p, c) in enumerate(pairs):
+        assert ids[i].tolist() == [2] * (4 - len(p)) + p + c + [2] * (4 - len(c))
+        assert attention[i].tolist() == [0] * (4 - len(p)) + [1] * (len(p) + len(c)) + [0] * (4 - len(c))
+        assert completion[i].tolist() == [0] * 4 + [1] * len(c) + [0] * (4 - len(c))
 
 
 def random_batch(seed=1):

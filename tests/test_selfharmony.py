@@ -118,22 +118,6 @@ def test_a_rewrite_that_misses_the_layout_or_runs_on_falls_back_to_the_question(
     assert len(selfharmony.solver_prompt(tokenizer, rows[2], args)) < 600  # c's own question fits
 
 
-def test_every_row_has_its_own_prompt_and_completion_mask():
-    prompts0, prompts1 = [[1, 2, 3], [4, 5]], [[6, 7, 8, 9], [10]]
-    comps0 = [[11], [12, 13], [14, 15, 16], [17]]  # G = 2: rows 0-1 question 0, rows 2-3 question 1
-    comps1 = [[21, 22, 23, 24], [25], [26, 27], [28, 29, 30]]
-    G = 2
-    pairs = [(prompts0[i // G], c) for i, c in enumerate(comps0)] + [(prompts1[i // G], c) for i, c in enumerate(comps1)]
-    batch = selfharmony.make_batch(pairs, torch.arange(8.0), pad_id=0)
-    assert batch.input_ids.shape == (8, 4 + 4)
-    for i, (p, c) in enumerate(pairs):
-        ids, att, comp = batch.input_ids[i].tolist(), batch.attention_mask[i].tolist(), batch.completion_mask[i].tolist()
-        assert ids[4 - len(p):4 + len(c)] == p + c
-        assert att == [0] * (4 - len(p)) + [1] * (len(p) + len(c)) + [0] * (4 - len(c))
-        assert comp == [0] * 4 + [1] * len(c) + [0] * (4 - len(c))
-    assert batch.advantages.tolist() == list(range(8))
-
-
 def final_weights(out):
     return load_file(out / "ckpt" / "model.safetensors")
 
@@ -174,8 +158,8 @@ def _update_on_rows(rows, out_path, fsdp=False):
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # weights move by the gradient itself (Adam's
     # first step is ~lr * sign(grad), which turns float noise on near-zero gradients into full steps)
     views = [0, 0, 0, 0, 1, 1, 1, 1]  # the loop's layout: view 0's rows, then view 1's
-    batch = selfharmony.make_batch([pairs[i] for i in rows], advantages[rows], pad_id=256,
-                                   views=[views[i] for i in rows])
+    batch = grpo.Rollouts(*grpo.pad_rollouts([pairs[i] for i in rows], pad_id=256), advantages[rows],
+                          views=torch.tensor([views[i] for i in rows]))
     grpo.step(policy, optimizer, batch, 2, ref, kl_coef=0.05, micro_batch_tokens=20 if fsdp else None)
     if fsdp:  # every weight back to this rank's shard, the reference's root too (it ran forward only)
         from torch.distributed.tensor import DTensor
