@@ -339,12 +339,13 @@ def train_step(model, policy, sampler, tokenizer, optimizer, scheduler, ref_mode
                           micro_batch_tokens=args.micro_batch_tokens or None)
     sync_sampling_copy(sampler, model)
     stats.update(t_sample=t1 - t0, t_reward=t2 - t1, t_update=time.perf_counter() - t2)
-    return dict(records=records, r0=r0, r1=r1, comps0=comps0, comps1=comps1, rewrites=rewrites, stats=stats,
-                texts0=texts0, texts1=texts1)
+    return dict(records=records, r0=r0, r1=r1, len0=list(map(len, comps0)), len1=list(map(len, comps1)),
+                done0=done0, done1=done1, rewrites=rewrites, stats=stats, texts0=texts0, texts1=texts1)
 
 
-def step_summary(records, r0, r1, comps0, comps1, rewrites, stops):
-    """The step's numbers (over all ranks' questions): rewards, every selector's label accuracy, shapes."""
+def step_summary(records, r0, r1, lengths, done, rewrites):
+    """The step's numbers (over all ranks' questions): rewards, every selector's label accuracy, shapes.
+    lengths, done: each view's completion lengths, and whether each completion ended with a stop token."""
     G = len(r0) // len(records)
     out = {"reward0": float(np.mean(r0)), "reward1": float(np.mean(r1))}
     for s in hms.SELECTORS:  # (label of view 0, label of view 1): they differ under cross only
@@ -358,9 +359,9 @@ def step_summary(records, r0, r1, comps0, comps1, rewrites, stops):
     out["flat_groups"] = (grpo.count_flat_groups(r0, G) + grpo.count_flat_groups(r1, G)) / (2 * len(records))
     out["format"] = float(np.mean([rec["format"] for rec in records]))
     out["p_div"] = float(np.mean([rec["p_div"] for rec in records]))
-    for v, comps in (("0", comps0), ("1", comps1)):
-        out[f"len{v}"] = float(np.mean([len(c) for c in comps]))
-        out[f"truncated{v}"] = float(np.mean([not finished(c, stops) for c in comps]))
+    for v in (0, 1):
+        out[f"len{v}"] = float(np.mean(lengths[v]))
+        out[f"truncated{v}"] = float(np.mean([not d for d in done[v]]))
     if rewrites is not None:
         out["rewrite_failed"] = float(np.mean([x is None for x in rewrites]))
     return out
@@ -759,8 +760,8 @@ def main(argv=None):
             if master:
                 cat = lambda k: [x for part in everything for x in (part[k] or [])]
                 row = {"step": step + 1, "epoch": epoch, **step_summary(
-                    cat("records"), cat("r0"), cat("r1"), cat("comps0"), cat("comps1"),
-                    cat("rewrites") if out["rewrites"] is not None else None, stops)}
+                    cat("records"), cat("r0"), cat("r1"), (cat("len0"), cat("len1")),
+                    (cat("done0"), cat("done1")), cat("rewrites") if out["rewrites"] is not None else None)}
                 stats = [part["stats"] for part in everything]
                 row["loss"] = sum(st["loss"] for st in stats)  # each rank's share of the global mean
                 for k in ("kl", "clip_frac", "ratio", "grad_norm", "lr", "pad_share", "t_sample", "t_reward",

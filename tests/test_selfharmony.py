@@ -89,13 +89,14 @@ def test_each_rollout_is_rewarded_against_its_own_question():
     # fused: gated by correctness, the second rollout of a misses REWRITTEN PROBLEM: 1 - 0.1 * 1/3
     assert r1 == pytest.approx([1, 1 - 0.1 / 3, 0, 0, 1, 1, 1, 1])
     # what the log measures against the hidden gold answers (3 and 7), by hand
-    log = selfharmony.step_summary(records, r0, r1, [[5, 2]] * 8, [[5, 5, 5]] * 8, None, stops=[2])
+    log = selfharmony.step_summary(records, r0, r1, ([2] * 8, [3] * 8), ([True] * 8, [False] * 8), None)
     assert log["acc0"] == 4 / 8 and log["acc1"] == 6 / 8
     # mv: a's views vote 3 and 3 (a 3/4 tie, the smaller string), b's 8 and 7: 3 of 4 labels right;
     # mv0 gives view 0's 3 and 8 to both views: 2 of 4
     assert log["label_acc/hms"] == 1.0 and log["label_acc/mv"] == 0.75 and log["label_acc/mv0"] == 0.5
     assert log["hms_mv_agree"] == 0.5
     assert log["truncated0"] == 0.0 and log["truncated1"] == 1.0 and log["flat_groups"] == 1 / 4
+    assert log["len0"] == 2 and log["len1"] == 3
 
 
 def test_a_rewrite_that_misses_the_layout_or_runs_on_falls_back_to_the_question(monkeypatch):
