@@ -367,6 +367,40 @@ def step_summary(records, r0, r1, lengths, done, rewrites):
     return out
 
 
+def step_row(everything):
+    """A step's log numbers from every rank's train_step output (a list in rank order): step_summary's
+    over all ranks' questions, and the update's averaged over the ranks."""
+    cat = lambda k: [x for part in everything for x in (part[k] or [])]
+    rewrites = cat("rewrites") if everything[0]["rewrites"] is not None else None  # --reframe separate
+    row = step_summary(cat("records"), cat("r0"), cat("r1"), (cat("len0"), cat("len1")),
+                       (cat("done0"), cat("done1")), rewrites)
+    stats = [part["stats"] for part in everything]
+    row["loss"] = sum(st["loss"] for st in stats)  # each rank's share of the global mean
+    for k in ("kl", "clip_frac", "ratio", "grad_norm", "lr", "pad_share", "t_sample", "t_reward", "t_update"):
+        row[k] = float(np.mean([st[k] for st in stats]))
+    row["skipped"] = stats[0]["skipped"]  # the same on every rank: the gradient norm is summed over ranks
+    return row
+
+
+def sample_lines(out, question, step, args):
+    """samples.jsonl's lines of a step: the first --log-texts rollouts of each view of one question (rank 0's
+    first), each with its reward and the label that trained."""
+    label = out["records"][0]["labels"][args.selector]
+    return [strict_json({"step": step, "id": question["id"], "view": view, "text": out["texts" + v][i],
+                         "reward": out["r" + v][i], "label": label}) + "\n"
+            for view, v in (("solve", "0"), (args.reframe, "1"))
+            for i in range(min(args.log_texts, args.n_rollouts))]
+
+
+def progress_line(row):
+    """The line a step writes under the progress bar."""
+    acc = lambda s: "none" if row[f"no_label/{s}"] == 1 else f"{row[f'label_acc/{s}']:.2f}"
+    return (f"step {row['step']}: reward {row['reward0']:.3f}/{row['reward1']:.3f}  label acc "
+            f"hms {acc('hms')} mv {acc('mv')}  kl {row['kl']:.4f}  len {row['len0']:.0f}/{row['len1']:.0f}  "
+            f"{row['t_sample'] + row['t_reward'] + row['t_update']:.1f}s"
+            + ("  SKIPPED: NaN or inf gradient, weights unchanged" if row["skipped"] else ""))
+
+
 MAX_SKIPS = 3  # updates in a row skipped for a NaN or inf gradient before the run stops
 
 
@@ -544,22 +578,11 @@ def plot(log_path, png_path):
 # The loop
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    # torchrun: each rank takes its own questions; grpo.step sums gradients over ranks
-    ddp = "RANK" in os.environ
-    if args.fsdp and not ddp:
-        raise SystemExit("--fsdp shards the model over torchrun's ranks: run it under torchrun")
-    if ddp:  # rank 0 evaluates and saves alone while the others wait: longer than NCCL's 10-minute default
-        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo",
-                                timeout=datetime.timedelta(hours=3))
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    master = rank == 0
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and ddp:
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)  # FSDP's device mesh and NCCL take the current device
-    compute_dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+def open_run(args, argv, ddp, master):
+    """The run's folder (a new one named by rank 0's clock when --out-dir is not given) and, under --resume,
+    the state of its checkpoint. Refuses to write over another run; a run killed before its first
+    checkpoint starts over; a resumed run takes its own flags (resume_args). --plot draws the curves of
+    the folder's log and exits here. Returns (args, out_dir, ckpt, state): state None unless resuming."""
     if args.out_dir is None:
         if args.resume or args.plot:
             raise SystemExit("--resume and --plot need the run's --out-dir")
@@ -603,6 +626,26 @@ def main(argv=None):
         tmp = out_dir / "flags.json.tmp"
         tmp.write_text(json.dumps({k: getattr(args, k) for k in RUN_FLAGS + KEPT_FLAGS}))
         os.replace(tmp, out_dir / "flags.json")
+    return args, out_dir, ckpt, state
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # torchrun: each rank takes its own questions; grpo.step sums gradients over ranks
+    ddp = "RANK" in os.environ
+    if args.fsdp and not ddp:
+        raise SystemExit("--fsdp shards the model over torchrun's ranks: run it under torchrun")
+    if ddp:  # rank 0 evaluates and saves alone while the others wait: longer than NCCL's 10-minute default
+        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo",
+                                timeout=datetime.timedelta(hours=3))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    master = rank == 0
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and ddp:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)  # FSDP's device mesh and NCCL take the current device
+    compute_dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    args, out_dir, ckpt, state = open_run(args, argv, ddp, master)
     torch.manual_seed(args.seed)
 
     try:
@@ -758,31 +801,11 @@ def main(argv=None):
             # every rank's numbers (not its texts) reach rank 0, which logs
             everything = gather({k: v for k, v in out.items() if not k.startswith("texts")}, world)
             if master:
-                cat = lambda k: [x for part in everything for x in (part[k] or [])]
-                row = {"step": step + 1, "epoch": epoch, **step_summary(
-                    cat("records"), cat("r0"), cat("r1"), (cat("len0"), cat("len1")),
-                    (cat("done0"), cat("done1")), cat("rewrites") if out["rewrites"] is not None else None)}
-                stats = [part["stats"] for part in everything]
-                row["loss"] = sum(st["loss"] for st in stats)  # each rank's share of the global mean
-                for k in ("kl", "clip_frac", "ratio", "grad_norm", "lr", "pad_share", "t_sample", "t_reward",
-                          "t_update"):
-                    row[k] = float(np.mean([st[k] for st in stats]))
-                row["skipped"] = out["stats"]["skipped"]
+                row = {"step": step + 1, "epoch": epoch, **step_row(everything)}
                 log(row)
                 with open(texts_path, "a") as f:
-                    for view, v in (("solve", "0"), (args.reframe, "1")):
-                        texts, rs = out["texts" + v], out["r" + v]
-                        for i in range(min(args.log_texts, args.n_rollouts)):
-                            f.write(strict_json({"step": step + 1, "id": rows[0]["id"], "view": view,
-                                                 "text": texts[i], "reward": rs[i],
-                                                 "label": out["records"][0]["labels"][args.selector]})
-                                    + "\n")
-                acc = lambda s: "none" if row[f"no_label/{s}"] == 1 else f"{row[f'label_acc/{s}']:.2f}"
-                bar.write(f"step {step + 1}: reward {row['reward0']:.3f}/{row['reward1']:.3f}  label acc "
-                          f"hms {acc('hms')} mv {acc('mv')}  kl {row['kl']:.4f}  "
-                          f"len {row['len0']:.0f}/{row['len1']:.0f}  "
-                          f"{row['t_sample'] + row['t_reward'] + row['t_update']:.1f}s"
-                          + ("  SKIPPED: NaN or inf gradient, weights unchanged" if row["skipped"] else ""))
+                    f.writelines(sample_lines(out, rows[0], step + 1, args))
+                bar.write(progress_line(row))
 
             # the same on every rank: the gradient norm is summed over ranks before it is judged
             skips = skips + 1 if out["stats"]["skipped"] else 0
