@@ -495,10 +495,10 @@ def step_check(model, prompt):
 def profile_step(model, rows, length):
     """Milliseconds of one decode step over `rows` slots reading `length` cache columns, as the engine
     runs it and with one thing changed (another attention, argmax instead of sampling, HF's own RMSNorm
-    modules, a fused model's projections unfused, COMPILE switched); rows all at position length - 9, then (each attention) spread evenly
-    over positions up to there, as on ragged rows. Each with its logits' largest difference from the
-    first of its positions; on CUDA each a captured graph, then the step's kernels. Returns a dict a
-    variant."""
+    modules, a fused model's projections unfused, COMPILE switched); rows all at position length - 9,
+    then (each attention) spread evenly over positions up to there, as on ragged rows. Each with its
+    logits' largest difference from the first of its positions; on CUDA each a captured graph, then the
+    step's kernels. Returns a dict a variant."""
     device, dtype = model.device, next(model.parameters()).dtype
     drop_stale_joins(model)
     fused = hasattr(model.model.layers[0].self_attn, "qkv")
