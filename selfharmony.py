@@ -315,11 +315,12 @@ def train_step(model, policy, sampler, tokenizer, optimizer, scheduler, ref_mode
     the two added), and the sampling copy refreshed with the updated weights. policy: the model, or
     under FSDP its sharded grpo.Scorer."""
     t0 = time.perf_counter()
+    peak_gib(sampler.device)  # counts from here
     sampler.eval()  # on the CPU the sampler is the policy, which the update left in training mode
     prompts0, comps0, prompts1, comps1, rewrites = rollout(sampler, tokenizer, rows, args, generator, stops)
     texts0 = [tokenizer.decode(c, skip_special_tokens=True) for c in comps0]
     texts1 = [tokenizer.decode(c, skip_special_tokens=True) for c in comps1]
-    t1 = time.perf_counter()
+    t1, mem_sample = time.perf_counter(), peak_gib(sampler.device)
     done0, done1 = [finished(c, stops) for c in comps0], [finished(c, stops) for c in comps1]
     r0, r1, records = label_and_reward(rows, texts0, texts1, done0, done1, args)
     G = args.n_rollouts  # advantages per question and per view
@@ -339,8 +340,20 @@ def train_step(model, policy, sampler, tokenizer, optimizer, scheduler, ref_mode
                           micro_batch_tokens=args.micro_batch_tokens or None)
     sync_sampling_copy(sampler, model)
     stats.update(t_sample=t1 - t0, t_reward=t2 - t1, t_update=time.perf_counter() - t2)
+    if mem_sample is not None:  # CUDA: the peaks that the start-up's memory estimate predicts
+        stats.update(mem_sample=mem_sample, mem_update=peak_gib(sampler.device))
     return dict(records=records, r0=r0, r1=r1, len0=list(map(len, comps0)), len1=list(map(len, comps1)),
                 done0=done0, done1=done1, rewrites=rewrites, stats=stats, texts0=texts0, texts1=texts1)
+
+
+def peak_gib(device):
+    """GiB of tensors the CUDA device held at most since the last call, which starts a new count; None
+    elsewhere."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 def step_summary(records, r0, r1, lengths, done, rewrites):
@@ -378,6 +391,9 @@ def step_row(everything):
     row["loss"] = sum(st["loss"] for st in stats)  # each rank's share of the global mean
     for k in ("kl", "clip_frac", "ratio", "grad_norm", "lr", "pad_share", "t_sample", "t_reward", "t_update"):
         row[k] = float(np.mean([st[k] for st in stats]))
+    for k in ("mem_sample", "mem_update"):  # CUDA only: the fullest rank's
+        if k in stats[0]:
+            row[k] = max(st[k] for st in stats)
     row["skipped"] = stats[0]["skipped"]  # the same on every rank: the gradient norm is summed over ranks
     return row
 

@@ -535,3 +535,17 @@ def test_a_second_ctrl_c_in_the_first_evaluation_is_one_line(tmp_path, monkeypat
     monkeypatch.setattr(selfharmony, "evaluate", interrupted)
     with pytest.raises(SystemExit, match="interrupted in step 0; --resume"):
         selfharmony.main(TINY + ["--steps", "1", "--out-dir", str(tmp_path)])
+
+
+def test_cuda_peaks_of_sampling_and_update_are_logged(tmp_path, monkeypatch):
+    # peak_gib reads the allocator's peak, then starts a new count
+    held = {"peak": 3 * 2**30}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: held["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: held.update(peak=0))
+    assert selfharmony.peak_gib(torch.device("cuda")) == 3.0 and held["peak"] == 0
+    assert selfharmony.peak_gib(torch.device("cpu")) is None
+    # the loop: a count started before sampling, read after it (sampling) and after the update
+    calls = iter(range(100))
+    monkeypatch.setattr(selfharmony, "peak_gib", lambda device: float(next(calls)))
+    selfharmony.main(TINY + ["--steps", "2", "--no-eval", "--out-dir", str(tmp_path)])
+    assert [(r["mem_sample"], r["mem_update"]) for r in read_log(tmp_path)] == [(1.0, 2.0), (4.0, 5.0)]
