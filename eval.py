@@ -212,11 +212,8 @@ def make_arith(n=16, seed=0, level=1):
 
 SOLVER_SYSTEM = "Let's think step by step and output the final answer within \\boxed{}."  # the release's words
 # rows with answer_format "number" (arith): a 135M model rarely writes \boxed{}, so it is asked for
-# the bare number, and the last number of a FINISHED completion without a box is its answer. A
-# completion cut off by max_new_tokens has none: it stopped mid-sentence, and its last number is
-# most often one of the question's own (measured on SmolLM2-135M: "To add 4 and 1, we ..." -> 1).
+# the bare number (hms.answer_of reads it)
 NUMBER_SYSTEM = "Answer with just the number."
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 CHOICE_INSTRUCTION = "Put only the letter of the correct option in \\boxed{}."
 
 
@@ -263,27 +260,10 @@ def prompt_ids(tokenizer, system, user, thinking_block=False):
 # Grading and metrics (pure: lists in, numbers out)
 
 
-def gold_answer(row):
-    """The gold answer in the normal form the samples are compared in."""
-    return row["answer"] if row.get("choices") else hms.normalize_answer(row["answer"])
-
-
-def answer_of(text, row, finished=True):
-    """A completion's answer in the same normal form (a letter for multiple choice); None if none.
-    finished: the completion ended with a stop token (False: cut off by max_new_tokens)."""
-    if row.get("choices"):
-        return hms.extract_choice(text, len(row["choices"]))
-    boxed = hms.extract_answer(text)
-    if boxed is None and finished and row.get("answer_format") == "number":
-        numbers = _NUMBER.findall(text)
-        boxed = numbers[-1] if numbers else None
-    return None if boxed is None else hms.normalize_answer(boxed)
-
-
 def is_correct(text, row, finished=True):
     """1[answer of the completion = gold]; a completion without an answer is wrong."""
-    answer = answer_of(text, row, finished)
-    return answer is not None and answer == gold_answer(row)
+    answer = hms.answer_of(text, row, finished)
+    return answer is not None and answer == hms.gold_answer(row)
 
 
 def mean_at_k(correct):
@@ -316,7 +296,7 @@ GROUP_KEYS = ("subject", "level", "category", "domain")
 
 def summarize(rows, correct, answers, greedy=None):
     """metrics() over all questions, plus by_<key> for each of GROUP_KEYS the rows carry."""
-    golds = [gold_answer(r) for r in rows]
+    golds = [hms.gold_answer(r) for r in rows]
     summary = metrics(correct, answers, golds, greedy)
     for key in (k for k in GROUP_KEYS if all(k in r for r in rows)):
         groups = defaultdict(list)
@@ -361,7 +341,8 @@ def evaluate(model, tokenizer, rows, *, n=16, temperature=0.8, top_p=0.95, max_n
                     row, text = rows[start + j // k], tokenizer.decode(ids, skip_special_tokens=True)
                     done = sample.finished(ids, stops)
                     graded.append(dict(id=row["id"], kind=kind, index=j % k, text=text, finished=done,
-                                       answer=answer_of(text, row, done), correct=is_correct(text, row, done)))
+                                       answer=hms.answer_of(text, row, done),
+                                       correct=is_correct(text, row, done)))
                 records += graded
                 if on_records:
                     on_records(graded)

@@ -21,6 +21,9 @@ answers written differently. Canonical numbers: an exact rational is written as 
 ("25") or a reduced fraction "p/q" ("-3/8"); so 0.5, 1/2, \\frac12 and \\dfrac{1}{2} all become
 "1/2"; 5.0, 025, 5\\text{ cm} and x = 5 become "5"; 1\\frac{4}{5} is read as the mixed number 9/5.
 Answer extraction is bounded (MAX_BOX_CHARS) and linear, so adversarial text cannot stall it.
+`answer_of` reads a completion's answer to a benchmark row (the loop's votes and eval.py's grades
+alike): the last box, a letter for multiple choice, and for `arith` rows, which ask for the bare
+number, the last number of a finished completion without a box.
 
 Run `python hms.py` for a simulation of the echo chamber: majority voting locks onto a wrong
 answer as G grows, HMS recovers the right one when the view-invariance assumption holds, and
@@ -86,6 +89,31 @@ def extract_choice(text, n_options):
     # standalone: no letter, digit or slash beside it (C12H12O2, N/A) and no degree sign before it (°C)
     m = re.search(rf"(?<![A-Za-z0-9/°])([{letters}])(?![A-Za-z0-9/])", box)
     return m.group(1) if m else None
+
+
+# a benchmark row's answers: rows with answer_format "number" (arith) ask for the bare number, and the last
+# number of a FINISHED completion without a box is its answer. A completion cut off by max_new_tokens has
+# none: it stopped mid-sentence, and its last number is most often one of the question's own (measured on
+# SmolLM2-135M: "To add 4 and 1, we ..." -> 1)
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def answer_of(text, row, finished=True):
+    """A completion's answer to a benchmark row (eval.py's schema), in normal form (a letter for multiple
+    choice); None if none. finished: the completion ended with a stop token (False: cut off by
+    max_new_tokens)."""
+    if row.get("choices"):
+        return extract_choice(text, len(row["choices"]))
+    boxed = extract_answer(text)
+    if boxed is None and finished and row.get("answer_format") == "number":
+        numbers = _NUMBER.findall(text)
+        boxed = numbers[-1] if numbers else None
+    return None if boxed is None else normalize_answer(boxed)
+
+
+def gold_answer(row):
+    """A row's gold answer in the normal form the completions' answers are compared in."""
+    return row["answer"] if row.get("choices") else normalize_answer(row["answer"])
 
 # -----------------------------------------------------------------------------
 # one canonical form for answers

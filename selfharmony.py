@@ -52,8 +52,7 @@ import engine
 import grpo
 import hms
 import rewards
-from eval import (answer_of, evaluate, format_question, gold_answer, load_benchmark, number, prompt_ids,
-                  solver_messages)
+from eval import evaluate, format_question, load_benchmark, number, prompt_ids, solver_messages
 from sample import (default_kv_budget_gb, finished, generate, kv_bytes_per_token, load_model, rows_for_budget,
                     sampling_copy, stop_ids, sync_sampling_copy)
 
@@ -286,15 +285,15 @@ def rollout(sampler, tokenizer, rows, args, generator, stops):
 
 def label_and_reward(rows, texts0, texts1, done0, done1, args):
     """Rewards of every rollout (view 0, view 1) and a record a question with every selector's labels.
-    done0, done1: whether each rollout ended with a stop token (eval.answer_of reads no bare number
+    done0, done1: whether each rollout ended with a stop token (hms.answer_of reads no bare number
     from a cut-off one)."""
     G, r0, r1, records = args.n_rollouts, [], [], []
     for q, row in enumerate(rows):
         own = slice(q * G, (q + 1) * G)  # this question's own rollouts
         t0, t1 = texts0[own], texts1[own]
-        a0 = [answer_of(t, row, d) for t, d in zip(t0, done0[own])]
-        a1 = [answer_of(t, row, d) for t, d in zip(t1, done1[own])]
-        gold = gold_answer(row)  # measured for every selector; trains only under --selector gt
+        a0 = [hms.answer_of(t, row, d) for t, d in zip(t0, done0[own])]
+        a1 = [hms.answer_of(t, row, d) for t, d in zip(t1, done1[own])]
+        gold = hms.gold_answer(row)  # measured for every selector; trains only under --selector gt
         labels = {s: hms.select_labels(s, a0, a1, gold=gold) for s in hms.SELECTORS}
         y0, y1 = labels[args.selector]
         r0 += rewards.solve_rewards(a0, y0)

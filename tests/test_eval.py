@@ -11,6 +11,7 @@ from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
 import eval as ev
+import hms
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not DATA.is_dir():
@@ -283,14 +284,14 @@ def test_arith_asks_for_the_bare_number_and_reads_the_last_one():
     assert ev.is_correct(f"{value - 1}? No: {value}", row)
     assert not ev.is_correct(f"{value}, or maybe {value + 1}.", row)
     assert ev.is_correct(f"\\boxed{{{value}}} though 99 is near", row)  # a box still wins
-    assert ev.answer_of("no digits here", row) is None
+    assert hms.answer_of("no digits here", row) is None
     # a completion cut off by max_new_tokens names no bare number (it is most often the question's own)
-    assert ev.answer_of(f"To add {value} and", row, finished=False) is None
+    assert hms.answer_of(f"To add {value} and", row, finished=False) is None
     assert not ev.is_correct(f"so {value}", row, finished=False)
     assert ev.is_correct(f"\\boxed{{{value}}} and then", row, finished=False)  # a box is an answer anyway
     # benchmarks without answer_format keep the strict rule: no box, no answer
     math_row = {"id": "m", "problem": "1 + 1?", "answer": "2"}
-    assert ev.answer_of("it is 2", math_row) is None and ev.solver_messages(math_row)[0] == ev.SOLVER_SYSTEM
+    assert hms.answer_of("it is 2", math_row) is None and ev.solver_messages(math_row)[0] == ev.SOLVER_SYSTEM
 
 
 def test_ctrl_c_keeps_the_questions_done_and_says_so_in_one_line(tmp_path, monkeypatch):
