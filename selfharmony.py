@@ -39,6 +39,8 @@ import shutil
 import signal
 import sys
 import time
+from collections import defaultdict
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -250,9 +252,25 @@ def max_rows(sampler, max_len, args, default):
     return rows_for_budget(sampler, args.kv_cache_gb, max_len) if args.kv_cache_gb else default
 
 
+@dataclass
+class Episode:
+    """One rollout, as GRPO-Zero keeps it: its question's id and its view (0: the question as asked, 1:
+    reframed), the prompt and completion token ids, the completion's text and whether it ended with a stop
+    token (else --max-new-tokens cut it off); then label_and_reward fills in its answer and reward."""
+    question: str
+    view: int
+    prompt: list
+    completion: list
+    text: str
+    finished: bool
+    answer: str | None = None
+    reward: float = 0.0
+
+
 def rollout(sampler, tokenizer, rows, args, generator, stops):
-    """Prompts and G completions of each view, prompt-major; and x' per question when separate.
-    Both views go to the sampler as one pool; it keeps as many rows in flight as the KV budget holds."""
+    """The step's episodes, view 0's then view 1's, each question's G together; and x' per question when
+    separate. Both views go to the sampler as one pool; it keeps as many rows in flight as the KV budget
+    holds."""
     def sample(prompts, n=args.n_rollouts):
         rows_in_flight = max_rows(sampler, max(map(len, prompts)) + args.max_new_tokens, args, len(rows) * n)
         quiet = dist.is_initialized() and dist.get_rank() > 0
@@ -279,32 +297,36 @@ def rollout(sampler, tokenizer, rows, args, generator, stops):
             if not ids or len(ids) > args.max_prompt_tokens:
                 rewrites[i], ids = None, prompts0[i]
             prompts1.append(ids)
-    comps = sample(prompts0 + prompts1)
-    return prompts0, comps[: len(comps) // 2], prompts1, comps[len(comps) // 2 :], rewrites
+    Q, G = len(rows), args.n_rollouts
+    prompts = prompts0 + prompts1  # prompt p: view p // Q of question p % Q; its G samples come together
+    return [Episode(rows[i // G % Q]["id"], i // G // Q, prompts[i // G], c,
+                    tokenizer.decode(c, skip_special_tokens=True), finished(c, stops))
+            for i, c in enumerate(sample(prompts))], rewrites
 
 
-def label_and_reward(rows, texts0, texts1, done0, done1, args):
-    """Rewards of every rollout (view 0, view 1) and a record a question with every selector's labels.
-    done0, done1: whether each rollout ended with a stop token (hms.answer_of reads no bare number
-    from a cut-off one)."""
-    G, r0, r1, records = args.n_rollouts, [], [], []
-    for q, row in enumerate(rows):
-        own = slice(q * G, (q + 1) * G)  # this question's own rollouts
-        t0, t1 = texts0[own], texts1[own]
-        a0 = [hms.answer_of(t, row, d) for t, d in zip(t0, done0[own])]
-        a1 = [hms.answer_of(t, row, d) for t, d in zip(t1, done1[own])]
+def label_and_reward(rows, episodes, args):
+    """Every selector's labels for each question, and each episode's answer and reward (filled in).
+    Returns a record a question: its id, gold answer, labels, the fused view's mean format score, P_div."""
+    groups, records = defaultdict(list), []
+    for e in episodes:
+        groups[e.question, e.view].append(e)
+    for row in rows:
+        e0, e1 = groups[row["id"], 0], groups[row["id"], 1]
+        for e in e0 + e1:  # a cut-off rollout names no bare number (hms.answer_of)
+            e.answer = hms.answer_of(e.text, row, e.finished)
+        a0, a1 = [e.answer for e in e0], [e.answer for e in e1]
         gold = hms.gold_answer(row)  # measured for every selector; trains only under --selector gt
         labels = {s: hms.select_labels(s, a0, a1, gold=gold) for s in hms.SELECTORS}
         y0, y1 = labels[args.selector]
-        r0 += rewards.solve_rewards(a0, y0)
-        if args.reframe == "fused":
-            r1 += rewards.fused_rewards(t1, a1, a0, y1, args.w_format, args.w_div, args.reward)
-        else:  # view 1 is a plain solve of x'
-            r1 += rewards.solve_rewards(a1, y1)
-        records.append(dict(id=row["id"], gold=gold, labels=labels, answers0=a0, answers1=a1,
+        t1 = [e.text for e in e1]
+        r1 = (rewards.fused_rewards(t1, a1, a0, y1, args.w_format, args.w_div, args.reward)
+              if args.reframe == "fused" else rewards.solve_rewards(a1, y1))  # else view 1 solves x'
+        for e, r in zip(e0 + e1, rewards.solve_rewards(a0, y0) + r1):
+            e.reward = r
+        records.append(dict(id=row["id"], gold=gold, labels=labels,
                             format=float(np.mean([rewards.format_score(t) for t in t1])),
                             p_div=rewards.div_penalty(a0, a1)))
-    return r0, r1, records
+    return records
 
 
 def train_step(model, policy, sampler, tokenizer, optimizer, scheduler, ref_model, rows, args, generator,
@@ -316,19 +338,14 @@ def train_step(model, policy, sampler, tokenizer, optimizer, scheduler, ref_mode
     t0 = time.perf_counter()
     peak_gib(sampler.device)  # counts from here
     sampler.eval()  # on the CPU the sampler is the policy, which the update left in training mode
-    prompts0, comps0, prompts1, comps1, rewrites = rollout(sampler, tokenizer, rows, args, generator, stops)
-    texts0 = [tokenizer.decode(c, skip_special_tokens=True) for c in comps0]
-    texts1 = [tokenizer.decode(c, skip_special_tokens=True) for c in comps1]
+    episodes, rewrites = rollout(sampler, tokenizer, rows, args, generator, stops)
     t1, mem_sample = time.perf_counter(), peak_gib(sampler.device)
-    done0, done1 = [finished(c, stops) for c in comps0], [finished(c, stops) for c in comps1]
-    r0, r1, records = label_and_reward(rows, texts0, texts1, done0, done1, args)
-    G = args.n_rollouts  # advantages per question and per view
-    advantages = torch.cat([grpo.group_advantages(r0, G, scale=args.adv_scale),
-                            grpo.group_advantages(r1, G, scale=args.adv_scale)])
-    # every row keeps its own question's prompt
-    pairs = ([(prompts0[i // G], c) for i, c in enumerate(comps0)] +
-             [(prompts1[i // G], c) for i, c in enumerate(comps1)])
-    views = torch.tensor([0] * len(comps0) + [1] * len(comps1))
+    records = label_and_reward(rows, episodes, args)
+    # advantages per question and per view: rollout's order is view 0's episodes then view 1's, G a question
+    advantages = torch.cat([grpo.group_advantages([e.reward for e in episodes if e.view == v],
+                                                  args.n_rollouts, scale=args.adv_scale) for v in (0, 1)])
+    pairs = [(e.prompt, e.completion) for e in episodes]
+    views = torch.tensor([e.view for e in episodes])
     batch = grpo.Rollouts(*grpo.pad_rollouts(pairs, pad_id), advantages, views=views).to(model.device)
     t2 = time.perf_counter()
     policy.train()
@@ -341,8 +358,7 @@ def train_step(model, policy, sampler, tokenizer, optimizer, scheduler, ref_mode
     stats.update(t_sample=t1 - t0, t_reward=t2 - t1, t_update=time.perf_counter() - t2)
     if mem_sample is not None:  # CUDA: the peaks that the start-up's memory estimate predicts
         stats.update(mem_sample=mem_sample, mem_update=peak_gib(sampler.device))
-    return dict(records=records, r0=r0, r1=r1, len0=list(map(len, comps0)), len1=list(map(len, comps1)),
-                done0=done0, done1=done1, rewrites=rewrites, stats=stats, texts0=texts0, texts1=texts1)
+    return dict(records=records, episodes=episodes, rewrites=rewrites, stats=stats)
 
 
 def peak_gib(device):
@@ -355,25 +371,28 @@ def peak_gib(device):
     return peak
 
 
-def step_summary(records, r0, r1, lengths, done, rewrites):
+def step_summary(records, episodes, rewrites):
     """The step's numbers (over all ranks' questions): rewards, every selector's label accuracy, shapes.
-    lengths, done: each view's completion lengths, and whether each completion ended with a stop token."""
-    G = len(r0) // len(records)
-    out = {"reward0": float(np.mean(r0)), "reward1": float(np.mean(r1))}
+    records: label_and_reward's, a question each; episodes: every rollout, its answer and reward filled in."""
+    gold = {rec["id"]: rec["gold"] for rec in records}
+    views = [e for e in episodes if e.view == 0], [e for e in episodes if e.view == 1]
+    G = len(views[0]) // len(records)
+    out = {f"reward{v}": float(np.mean([e.reward for e in views[v]])) for v in (0, 1)}
     for s in hms.SELECTORS:  # (label of view 0, label of view 1): they differ under cross only
         out[f"label_acc/{s}"] = float(np.mean([y == rec["gold"] for rec in records
                                                for y in rec["labels"][s]]))
         out[f"no_label/{s}"] = float(np.mean([y is None for rec in records for y in rec["labels"][s]]))
-    for v in ("0", "1"):  # how often each view reaches the gold answer: is the view invariance there?
-        out[f"acc{v}"] = float(np.mean([a == rec["gold"] for rec in records for a in rec["answers" + v]]))
+    for v in (0, 1):  # how often each view reaches the gold answer: is the view invariance there?
+        out[f"acc{v}"] = float(np.mean([e.answer == gold[e.question] for e in views[v]]))
     out["hms_mv_agree"] = float(np.mean([rec["labels"]["hms"][0] == rec["labels"]["mv"][0]
                                          for rec in records]))
-    out["flat_groups"] = (grpo.count_flat_groups(r0, G) + grpo.count_flat_groups(r1, G)) / (2 * len(records))
+    flat = sum(grpo.count_flat_groups([e.reward for e in view], G) for view in views)
+    out["flat_groups"] = flat / (2 * len(records))
     out["format"] = float(np.mean([rec["format"] for rec in records]))
     out["p_div"] = float(np.mean([rec["p_div"] for rec in records]))
     for v in (0, 1):
-        out[f"len{v}"] = float(np.mean(lengths[v]))
-        out[f"truncated{v}"] = float(np.mean([not d for d in done[v]]))
+        out[f"len{v}"] = float(np.mean([len(e.completion) for e in views[v]]))
+        out[f"truncated{v}"] = float(np.mean([not e.finished for e in views[v]]))
     if rewrites is not None:
         out["rewrite_failed"] = float(np.mean([x is None for x in rewrites]))
     return out
@@ -384,8 +403,7 @@ def step_row(everything):
     over all ranks' questions, and the update's averaged over the ranks."""
     cat = lambda k: [x for part in everything for x in (part[k] or [])]
     rewrites = cat("rewrites") if everything[0]["rewrites"] is not None else None  # --reframe separate
-    row = step_summary(cat("records"), cat("r0"), cat("r1"), (cat("len0"), cat("len1")),
-                       (cat("done0"), cat("done1")), rewrites)
+    row = step_summary(cat("records"), cat("episodes"), rewrites)
     stats = [part["stats"] for part in everything]
     row["loss"] = sum(st["loss"] for st in stats)  # each rank's share of the global mean
     for k in ("kl", "clip_frac", "ratio", "grad_norm", "lr", "pad_share", "t_sample", "t_reward", "t_update"):
@@ -400,11 +418,13 @@ def step_row(everything):
 def sample_lines(out, question, step, args):
     """samples.jsonl's lines of a step: the first --log-texts rollouts of each view of one question (rank 0's
     first), each with its reward and the label that trained."""
-    label = out["records"][0]["labels"][args.selector]
-    return [strict_json({"step": step, "id": question["id"], "view": view, "text": out["texts" + v][i],
-                         "reward": out["r" + v][i], "label": label}) + "\n"
-            for view, v in (("solve", "0"), (args.reframe, "1"))
-            for i in range(min(args.log_texts, args.n_rollouts))]
+    label = next(rec for rec in out["records"] if rec["id"] == question["id"])["labels"][args.selector]
+    lines = []
+    for v, view in enumerate(("solve", args.reframe)):
+        own = [e for e in out["episodes"] if (e.question, e.view) == (question["id"], v)]
+        lines += [strict_json({"step": step, "id": question["id"], "view": view, "text": e.text,
+                               "reward": e.reward, "label": label}) + "\n" for e in own[: args.log_texts]]
+    return lines
 
 
 def progress_line(row):
@@ -813,8 +833,9 @@ def main(argv=None):
 
             out = train_step(model, policy, sampler, tokenizer, optimizer, scheduler, ref_model, rows, args,
                              generator, stops, pad_id, autocast)
-            # every rank's numbers (not its texts) reach rank 0, which logs
-            everything = gather({k: v for k, v in out.items() if not k.startswith("texts")}, world)
+            # every rank's numbers reach rank 0, which logs: its episodes without their prompts and texts
+            slim = [replace(e, prompt=None, text=None) for e in out["episodes"]]
+            everything = gather({**out, "episodes": slim}, world)
             if master:
                 row = {"step": step + 1, "epoch": epoch, **step_row(everything)}
                 log(row)

@@ -71,6 +71,15 @@ def test_the_reframers_layout_is_the_one_rewards_reads():
         assert rewards.rewritten_problem(layout) == "Ann has 3 apples and gets 4 more. How many now?"
 
 
+def episodes_of(rows, texts0, texts1, done0, done1, lengths=(1, 1)):
+    """The episodes rollout gives for these completions: view 0's, then view 1's, each question's G together
+    (G = len(texts0) // len(rows)); completions of lengths[view] tokens."""
+    G = len(texts0) // len(rows)
+    return [selfharmony.Episode(rows[i // G]["id"], v, [0], [0] * lengths[v], text, done)
+            for v, texts, dones in ((0, texts0, done0), (1, texts1, done1))
+            for i, (text, done) in enumerate(zip(texts, dones))]
+
+
 def test_each_rollout_is_rewarded_against_its_own_question():
     # two questions with different gold answers and different labels; G = 4 per view
     rows = [{"id": "a", "problem": "1 + 2?", "answer": "3"}, {"id": "b", "problem": "3 + 4?", "answer": "7"}]
@@ -80,7 +89,10 @@ def test_each_rollout_is_rewarded_against_its_own_question():
     texts1 = [fused(3), "STRATEGY: x\nSOLUTION: " + box(3), fused(4), fused(4)] + [fused(7)] * 4
     args = selfharmony.parse_args(["--w-format", "0.1", "--w-div", "0.0"])  # G = 16 by default: set 4
     args.n_rollouts = 4
-    r0, r1, records = selfharmony.label_and_reward(rows, texts0, texts1, [True] * 8, [True] * 8, args)
+    done = ([True] * 8, [False] * 8)  # view 1 cut off: it still has its boxed answers
+    episodes = episodes_of(rows, texts0, texts1, *done, lengths=(2, 3))
+    records = selfharmony.label_and_reward(rows, episodes, args)
+    r0, r1 = ([e.reward for e in episodes if e.view == v] for v in (0, 1))
     # a: 3 is the only answer in both views -> y* = 3. b: 8 never appears in view 1, so HMS picks
     # 7 (HM = 2 * 1/4 * 1 / (5/4) = 0.4) where the vote over view 0 picks 8
     assert [rec["labels"]["hms"][0] for rec in records] == ["3", "7"]
@@ -89,7 +101,7 @@ def test_each_rollout_is_rewarded_against_its_own_question():
     # fused: gated by correctness, the second rollout of a misses REWRITTEN PROBLEM: 1 - 0.1 * 1/3
     assert r1 == pytest.approx([1, 1 - 0.1 / 3, 0, 0, 1, 1, 1, 1])
     # what the log measures against the hidden gold answers (3 and 7), by hand
-    log = selfharmony.step_summary(records, r0, r1, ([2] * 8, [3] * 8), ([True] * 8, [False] * 8), None)
+    log = selfharmony.step_summary(records, episodes, None)
     assert log["acc0"] == 4 / 8 and log["acc1"] == 6 / 8
     # mv: a's views vote 3 and 3 (a 3/4 tie, the smaller string), b's 8 and 7: 3 of 4 labels right;
     # mv0 gives view 0's 3 and 8 to both views: 2 of 4
@@ -112,8 +124,10 @@ def test_a_rewrite_that_misses_the_layout_or_runs_on_falls_back_to_the_question(
 
     monkeypatch.setattr(selfharmony, "generate", fake_generate)
     args = selfharmony.parse_args(["--reframe", "separate", "--max-prompt-tokens", "600", "--n-rollouts", "2"])
-    prompts0, _, prompts1, comps1, got = selfharmony.rollout(None, tokenizer, rows, args, None, [])
-    assert got == [rewrites[0], None, None] and len(comps1) == 6
+    episodes, got = selfharmony.rollout(None, tokenizer, rows, args, None, [])
+    assert got == [rewrites[0], None, None] and [(e.question, e.view) for e in episodes] == [
+        (q, v) for v in (0, 1) for q in "abc" for _ in range(2)]
+    prompts0, prompts1 = ([e.prompt for e in episodes if e.view == v][::2] for v in (0, 1))
     assert prompts1[1:] == prompts0[1:] and prompts1[0] != prompts0[0]
     assert rewrites[0] in tokenizer.decode(prompts1[0]) and len(prompts1[0]) <= 600
     assert len(selfharmony.solver_prompt(tokenizer, rows[2], args)) < 600  # c's own question fits
@@ -347,11 +361,12 @@ def test_a_cut_off_rollout_names_no_bare_number():
     args.n_rollouts = 4
     texts = ["5", "It is 5.", "To add 4 and 1, we", "To add 4 and 1, we"]
     done = [True, True, False, False]
-    r0, r1, records = selfharmony.label_and_reward([row], texts, texts, done, done, args)
-    assert records[0]["answers0"] == ["5", "5", None, None] and records[0]["labels"]["mv"] == ("5", "5")
-    assert r0 == r1 == [1, 1, 0, 0]
+    episodes = episodes_of([row], texts, texts, done, done)
+    records = selfharmony.label_and_reward([row], episodes, args)
+    assert [e.answer for e in episodes[:4]] == ["5", "5", None, None] and records[0]["labels"]["mv"] == ("5", "5")
+    assert [e.reward for e in episodes] == [1, 1, 0, 0] * 2
     # the same texts read as finished: the operand 1 ties 5 and wins the tie on the smaller string
-    _, _, records = selfharmony.label_and_reward([row], texts, texts, [True] * 4, [True] * 4, args)
+    records = selfharmony.label_and_reward([row], episodes_of([row], texts, texts, [True] * 4, [True] * 4), args)
     assert records[0]["labels"]["mv"] == ("1", "1")
 
 
