@@ -54,7 +54,8 @@ import engine
 import grpo
 import hms
 import rewards
-from eval import evaluate, format_question, load_benchmark, number, prompt_ids, solver_messages
+from eval import (evaluate, format_question, load_benchmark, number, prompt_ids, solver_messages,
+                  summarize_records)
 from sample import (default_kv_budget_gb, finished, generate, kv_bytes_per_token, load_model, rows_for_budget,
                     sampling_copy, stop_ids, sync_sampling_copy)
 
@@ -670,7 +671,7 @@ def main(argv=None):
     ddp = "RANK" in os.environ
     if args.fsdp and not ddp:
         raise SystemExit("--fsdp shards the model over torchrun's ranks: run it under torchrun")
-    if ddp:  # rank 0 evaluates and saves alone while the others wait: longer than NCCL's 10-minute default
+    if ddp:  # rank 0 saves alone while the others wait, and evaluations are long: over NCCL's 10 minutes
         dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo",
                                 timeout=datetime.timedelta(hours=3))
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
@@ -791,19 +792,21 @@ def main(argv=None):
             f.write(strict_json(row) + "\n")
 
     def run_eval(step):
+        """mean@k / maj@k / pass@k on the run's questions: each rank samples its share, rank 0 logs."""
         if args.no_eval:
             return
+        max_new = args.eval_max_new_tokens or args.max_new_tokens
+        _, records = evaluate(sampler, tokenizer, questions[rank::world], n=args.eval_n, temperature=0.8,
+                              top_p=0.95, max_new_tokens=max_new, batch_size=args.batch_size, seed=args.seed,
+                              engine=args.engine, thinking_block=args.thinking_block,
+                              max_rows=max_rows(sampler, args.max_prompt_tokens + max_new, args, None))
+        grades = [{k: r[k] for k in ("id", "kind", "answer", "correct")} for r in records]  # not the texts
+        everyone = [r for part in gather(grades, world) for r in part]
         if master:
-            max_new = args.eval_max_new_tokens or args.max_new_tokens
-            summary, _ = evaluate(sampler, tokenizer, questions, n=args.eval_n, temperature=0.8, top_p=0.95,
-                                  max_new_tokens=max_new, batch_size=args.batch_size, seed=args.seed,
-                                  engine=args.engine, thinking_block=args.thinking_block,
-                                  max_rows=max_rows(sampler, args.max_prompt_tokens + max_new, args, None))
+            summary = summarize_records(questions, everyone, args.eval_n)
             log({"step": step, "eval": {k: v for k, v in summary.items() if not k.startswith("by_")}})
             print(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in summary.items()
                                                     if isinstance(v, float)))
-        if ddp:
-            dist.barrier()
 
     # Ctrl-C (or SIGTERM from a scheduler) finishes the step in progress, saves, and exits with the shell's
     # status for that signal (130, 143), so a wrapper script or a scheduler sees a run cut short; a second

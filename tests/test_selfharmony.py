@@ -292,9 +292,33 @@ def torchrun(argv, cwd):
 
 
 def test_the_loop_runs_under_torchrun_with_two_gloo_ranks(tmp_path):
-    torchrun(TINY + ["--steps", "1", "--no-eval", "--device", "cpu", "--out-dir", str(tmp_path)], tmp_path)
-    rows = read_log(tmp_path)
-    assert len(rows) == 1 and (tmp_path / "ckpt" / "config.json").exists()
+    # each rank notes the questions it evaluates, then runs the loop
+    script = f"""
+import sys
+sys.path[:0] = [{str(ROOT)!r}]
+import torch.distributed as dist, selfharmony
+real = selfharmony.evaluate
+def evaluate(model, tokenizer, rows, **kw):
+    with open(f"evaluated{{dist.get_rank()}}.txt", "a") as f:
+        f.write(" ".join(r["id"] for r in rows) + "\\n")
+    return real(model, tokenizer, rows, **kw)
+selfharmony.evaluate = evaluate
+selfharmony.main(sys.argv[1:])
+"""
+    (tmp_path / "loop.py").write_text(script)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    str(_free_port()), str(tmp_path / "loop.py")] + TINY
+                   + ["--steps", "1", "--device", "cpu", "--out-dir", str(tmp_path / "run")],
+                   check=True, env=env, cwd=tmp_path)
+    rows = read_log(tmp_path / "run")
+    assert [r["step"] for r in rows] == [0, 1, 1] and (tmp_path / "run" / "ckpt" / "config.json").exists()
+    # the evaluations at steps 0 and 1: each rank sampled its own half of the 4 questions, and rank 0 logged
+    # the metrics over all of them
+    halves = [[line.split() for line in open(tmp_path / f"evaluated{rank}.txt")] for rank in (0, 1)]
+    assert all(len(h) == 2 and h[0] == h[1] and len(h[0]) == 2 for h in halves)
+    assert len(set(halves[0][0]) | set(halves[1][0])) == 4
+    assert [r["eval"]["questions"] for r in rows if "eval" in r] == [4, 4]
 
 
 def test_the_loop_under_fsdp_stops_resumes_and_samples_what_the_replicated_loop_samples(tmp_path):
