@@ -578,6 +578,30 @@ def memory_plan(parts, activations_at, sampler, args, world, device, gathered=0)
     return line + ". It will not fit: try " + ", ".join(switches), False
 
 
+def set_budgets(args, model, sampler, ref_model, world, device, compute_dtype):
+    """The defaults of the two memory budgets, set in args where not given, and memory_plan's line for
+    them. --kv-cache-gb: on CUDA half the free memory, less what is not on the device yet (gradients,
+    AdamW, and under --fsdp the shards). --micro-batch-tokens: 16,384 on CUDA, halved until the estimate
+    fits (0 on the CPU: micro-batches of --micro-batch rows)."""
+    auto_budget = args.micro_batch_tokens is None and device.startswith("cuda")
+    if args.micro_batch_tokens is None:
+        args.micro_batch_tokens = 16384 if device.startswith("cuda") else 0
+    parts = resident_bytes(model, sampler, ref_model, args, world)
+    if args.kv_cache_gb is None:
+        to_come = parts["gradients"] + parts["AdamW"] + (parts["weights"] + parts["reference"]
+                                                         if args.fsdp else 0)
+        args.kv_cache_gb = default_kv_budget_gb(device, reserve_gb=to_come / 2**30)
+    # measured once, where the model is now (under --fsdp, the CPU), in the update's compute dtype
+    with torch.autocast(model.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+        activations_at = grpo.activation_estimate(model)
+    gathered = grpo.gathered_bytes(model) if args.fsdp else 0
+    plan, fits = memory_plan(parts, activations_at, sampler, args, world, device, gathered)
+    while auto_budget and not fits and args.micro_batch_tokens > 1024:
+        args.micro_batch_tokens //= 2
+        plan, fits = memory_plan(parts, activations_at, sampler, args, world, device, gathered)
+    return plan
+
+
 def plot(log_path, png_path):
     """Curves of the run, when matplotlib is installed (optional)."""
     try:
@@ -719,24 +743,7 @@ def main(argv=None):
     if sampler is not model and args.engine == "fast" and engine.supports(sampler):
         # q / k / v and gate / up weights joined (the sync's copies write through): 4 matmuls a layer for 7
         engine.fuse(sampler)
-    auto_budget = args.micro_batch_tokens is None and device.startswith("cuda")
-    if args.micro_batch_tokens is None:
-        args.micro_batch_tokens = 16384 if device.startswith("cuda") else 0
-    parts = resident_bytes(model, sampler, ref_model, args, world)
-    # less what is not on the device yet: gradients, AdamW (and under --fsdp the shards)
-    if args.kv_cache_gb is None:
-        to_come = parts["gradients"] + parts["AdamW"] + (parts["weights"] + parts["reference"]
-                                                         if args.fsdp else 0)
-        args.kv_cache_gb = default_kv_budget_gb(device, reserve_gb=to_come / 2**30)
-    # measured once, where the model is now (under --fsdp, the CPU), in the update's compute dtype
-    with torch.autocast(model.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-        activations_at = grpo.activation_estimate(model)
-    gathered = grpo.gathered_bytes(model) if args.fsdp else 0
-    plan, fits = memory_plan(parts, activations_at, sampler, args, world, device, gathered)
-    # the default budget halves until it fits
-    while auto_budget and not fits and args.micro_batch_tokens > 1024:
-        args.micro_batch_tokens //= 2
-        plan, fits = memory_plan(parts, activations_at, sampler, args, world, device, gathered)
+    plan = set_budgets(args, model, sampler, ref_model, world, device, compute_dtype)
     if master:
         print(plan)
     policy, ref_layers = model, ref_model

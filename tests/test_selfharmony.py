@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -538,6 +539,24 @@ def test_memory_plan_adds_what_stays_and_names_the_switches_when_it_will_not_fit
         args.grad_checkpointing = every  # checkpointing every N-th layer: checkpoint more of them
         line, _ = selfharmony.memory_plan(parts, grpo.activation_estimate(model), model, args, 2, "cpu", 2**40)
         assert switch in line
+
+
+def test_the_default_micro_batch_halves_until_the_estimate_fits(monkeypatch):
+    # CUDA's defaults on a card (faked) that holds what stays and the activations of 4,096 tokens, not 8,192
+    model, args = tiny_model(), selfharmony.parse_args(TINY)
+    monkeypatch.setattr(selfharmony, "default_kv_budget_gb", lambda device, reserve_gb: 1e-4)
+    stays = sum(selfharmony.resident_bytes(model, model, None, args, 1).values())
+    activations = grpo.activation_estimate(model)
+    assert activations(4096) < activations(8192) and 1e-4 * 2**30 < activations(4096)
+    card = types.SimpleNamespace(total_memory=stays + activations(4096))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
+    plan = selfharmony.set_budgets(args, model, model, None, 1, "cuda", torch.float32)
+    assert args.micro_batch_tokens == 4096 and args.kv_cache_gb == 1e-4
+    assert "at 4096 tokens a micro-batch" in plan and "will not fit" not in plan
+    # given, it is kept even where it will not fit, and the line says which switches to turn
+    args = selfharmony.parse_args(TINY + ["--micro-batch-tokens", "8192"])
+    plan = selfharmony.set_budgets(args, model, model, None, 1, "cuda", torch.float32)
+    assert args.micro_batch_tokens == 8192 and "It will not fit: try" in plan
 
 
 def test_resume_keeps_the_runs_evaluation_and_saving_settings(tmp_path):
