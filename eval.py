@@ -331,7 +331,8 @@ def evaluate(model, tokenizer, rows, *, n=16, temperature=0.8, top_p=0.95, max_n
     records = []
     modes = [("sampled", n, temperature)] + ([("greedy", 1, 0.0)] if greedy else [])
     quiet = torch.distributed.is_initialized() and torch.distributed.get_rank() > 0  # the loop's other ranks
-    with tqdm(total=len(rows) * sum(k for _, k, _ in modes), desc="eval", unit="completion", disable=quiet) as bar:
+    total = len(rows) * sum(k for _, k, _ in modes)
+    with tqdm(total=total, desc="eval", unit="completion", disable=quiet) as bar:
         for kind, k, temp in modes:
             for start in range(0, len(rows), batch_size):
                 outs = sample.generate(model, prompts[start : start + batch_size], max_new_tokens, n=k,
