@@ -409,6 +409,9 @@ def step_row(everything):
     row["loss"] = sum(st["loss"] for st in stats)  # each rank's share of the global mean
     for k in ("kl", "clip_frac", "ratio", "grad_norm", "lr", "pad_share", "t_sample", "t_reward", "t_update"):
         row[k] = float(np.mean([st[k] for st in stats]))
+    # new tokens a second while sampling, the ranks' rates added
+    row["sample_tok_s"] = sum(sum(len(e.completion) for e in part["episodes"]) / part["stats"]["t_sample"]
+                              for part in everything)
     for k in ("mem_sample", "mem_update"):  # CUDA only: the fullest rank's
         if k in stats[0]:
             row[k] = max(st[k] for st in stats)
@@ -433,7 +436,8 @@ def progress_line(row):
     acc = lambda s: "none" if row[f"no_label/{s}"] == 1 else f"{row[f'label_acc/{s}']:.2f}"
     return (f"step {row['step']}: reward {row['reward0']:.3f}/{row['reward1']:.3f}  label acc "
             f"hms {acc('hms')} mv {acc('mv')}  kl {row['kl']:.4f}  len {row['len0']:.0f}/{row['len1']:.0f}  "
-            f"{row['t_sample'] + row['t_reward'] + row['t_update']:.1f}s"
+            f"{row['t_sample'] + row['t_reward'] + row['t_update']:.1f}s (sampling {row['sample_tok_s']:.0f} "
+            "tok/s)"
             + ("  SKIPPED: NaN or inf gradient, weights unchanged" if row["skipped"] else ""))
 
 

@@ -27,8 +27,8 @@ TINY = ["--model", "tiny", "--data", "arith", "--arith-n", "4", "--batch-size", 
         "--max-new-tokens", "12", "--eval-n", "2", "--lr", "1e-3", "--micro-batch", "4"]
 STEP_FIELDS = ["step", "epoch", "reward0", "reward1", "acc0", "acc1", "hms_mv_agree", "flat_groups", "format",
                "p_div", "len0", "len1", "truncated0", "truncated1", "loss", "kl", "clip_frac", "ratio", "grad_norm",
-               "lr", "pad_share", "t_sample", "t_reward", "t_update"] + [f"{k}/{s}" for k in ("label_acc", "no_label")
-                                                           for s in ("hms", "mv", "mv0", "mv2", "cross", "gt")]
+               "lr", "pad_share", "t_sample", "t_reward", "t_update", "sample_tok_s"] + [
+    f"{k}/{s}" for k in ("label_acc", "no_label") for s in ("hms", "mv", "mv0", "mv2", "cross", "gt")]
 
 
 def read_log(out):
@@ -51,6 +51,8 @@ def test_two_step_run_logs_every_field(tmp_path, extra):
     for r in train:
         assert set(STEP_FIELDS) <= set(r), set(STEP_FIELDS) - set(r)
         assert r["label_acc/gt"] == 1.0  # gold vs gold
+        # 2 questions x 4 rollouts in each view
+        assert r["sample_tok_s"] == pytest.approx(8 * (r["len0"] + r["len1"]) / r["t_sample"])
         if extra == ["--selector", "gt"]:  # the solver reward is then the accuracy the log measures
             assert r["acc0"] == pytest.approx(r["reward0"])
     if "separate" in extra:
@@ -144,7 +146,7 @@ def test_resume_gives_the_same_next_step(tmp_path):
     selfharmony.main(common + ["--out-dir", str(tmp_path / "split"), "--stop-after", "2"])
     assert [r["step"] for r in read_log(tmp_path / "split")] == [1, 2]
     selfharmony.main(common + ["--out-dir", str(tmp_path / "split"), "--resume"])
-    drop = lambda r: {k: v for k, v in r.items() if not k.startswith("t_")}
+    drop = lambda r: {k: v for k, v in r.items() if not k.startswith("t_") and k != "sample_tok_s"}  # timings
     assert [drop(r) for r in read_log(tmp_path / "split")] == [drop(r) for r in read_log(tmp_path / "straight")]
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
