@@ -251,6 +251,27 @@ def make_optimizer(model, lr=3e-6, weight_decay=0.01, betas=(0.9, 0.999)):
                              lr=lr, weight_decay=weight_decay, betas=betas)
 
 
+def allocate_state(optimizer):
+    """AdamW's moments allocated now, as zeros, where torch allocates them in the first step: at start-up
+    they take their place in device memory beside the weights, so a run that cannot hold them stops before
+    it samples, and the caching allocator does not carve them out of the blocks the first step's KV cache
+    freed (there they would pin those blocks, and the next step's cache would need new ones). One step at
+    learning rate 0 on zero gradients (the weights stay as they are: decay multiplies them by 1, the update
+    adds 0), then each step count set back to 0, so the first real step is the one a fresh AdamW takes."""
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    for p in params:
+        p.grad = None
+        optimizer.state[p]["step"].zero_()
+
+
 def lr_schedule(step, total_steps, warmup_frac=0.1):
     """lr multiplier: linear warm-up over warmup_frac of the steps, then cosine to 0.
 

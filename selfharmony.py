@@ -763,6 +763,8 @@ def main(argv=None):
         if master:
             print("--compile: the first step compiles the decoder layers as it meets them (tens of seconds)")
     optimizer = grpo.make_optimizer(model, args.lr, args.weight_decay)
+    if not args.resume:  # AdamW's moments now, beside the weights (a resumed run loads them below)
+        grpo.allocate_state(optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                   lambda s: grpo.lr_schedule(s, total_steps, args.warmup))
     start = 0

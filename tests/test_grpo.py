@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from grpo import (Rollouts, accumulate_gradients, count_flat_groups, group_advantages,
+from grpo import (Rollouts, accumulate_gradients, allocate_state, count_flat_groups, group_advantages,
                   grpo_loss, lr_schedule, make_optimizer, make_reference, pad_rollouts, step, token_logprobs)
 
 V = 64
@@ -453,3 +453,23 @@ def test_checkpointing_all_or_every_other_layer_keeps_the_gradient(every):
     assert [layer.gradient_checkpointing for layer in model.get_decoder().layers] == [True, every == 1]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_adamw_state_allocated_up_front_gives_a_fresh_adamws_steps():
+    # allocate_state: the moments exist, as zeros, before the first step, and the weights are untouched; two
+    # steps on the same gradients then give what a fresh AdamW gives, bit for bit
+    a = tiny_model()
+    b = copy.deepcopy(a)
+    opt_a, opt_b = make_optimizer(a, lr=1e-2, weight_decay=0.1), make_optimizer(b, lr=1e-2, weight_decay=0.1)
+    allocate_state(opt_a)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters())) and not opt_b.state
+    assert len(opt_a.state) == len(list(a.parameters())) and all(p.grad is None for p in a.parameters())
+    assert all(s["step"] == 0 and not s["exp_avg"].any() and not s["exp_avg_sq"].any() for s in opt_a.state.values())
+    assert opt_a.param_groups[0]["lr"] == 1e-2
+    for seed in (0, 1):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            g = torch.Generator().manual_seed(seed)
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
