@@ -74,9 +74,11 @@ def rewritten_problem(text):
 
 def jsd(p, q):
     """JSD(p, q) = 1/2 KL(p || m) + 1/2 KL(q || m), m = (p + q) / 2, in nats, over the union of
-    answers; EPS keeps the logs finite. 0 for identical distributions, ln 2 for disjoint ones."""
+    answers; EPS keeps the logs finite. 0 for identical distributions, ln 2 for disjoint ones. Summed in
+    sorted order: a set's order changes with each process's string hashing, and with it the last bits of
+    the sum, of P_div and of the fused reward, so that a run and its resumed twin would drift apart."""
     total = 0.0
-    for a in p.keys() | q.keys():
+    for a in sorted(p.keys() | q.keys()):
         pa, qa = p.get(a, 0.0), q.get(a, 0.0)
         m = (pa + qa) / 2
         total += 0.5 * pa * math.log((pa + EPS) / (m + EPS)) + 0.5 * qa * math.log((qa + EPS) / (m + EPS))

@@ -1,7 +1,11 @@
 """Tests for rewards.py: the format score, the JSD diversity penalty and the fused reward, on
 values worked out by hand; and the fact that P_div cancels under group normalisation."""
 import math
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +16,7 @@ FULL = ("STRATEGY: make it concrete\nREWRITTEN PROBLEM: Ann has 3 apples and get
         "SOLUTION: 3 + 4 = 7, so \\boxed{7}.")
 MARKDOWN = ("**STRATEGY:** work backward\n\n## Rewritten Problem:\nA train has 3 cars and adds 4.\n\n"
             "**solution**: 3 + 4 = \\boxed{7}")
+ROOT = Path(__file__).resolve().parents[1]
 PLACEHOLDERS = "STRATEGY: [...]\nREWRITTEN PROBLEM: <rewritten problem>\nSOLUTION: 3 + 4 = \\boxed{7}"
 WRONG = "STRATEGY: shift domain\nREWRITTEN PROBLEM: Ann has 3 apples and gets 4 more.\nSOLUTION: \\boxed{12}"
 
@@ -125,3 +130,13 @@ def test_format_score_on_adversarial_text_is_fast(name):
         score = format_score(ADVERSARIAL[name])
         best = min(best, time.perf_counter() - start)
     assert 0.0 <= score <= 1.0 and best < 0.05
+
+
+def test_p_div_is_the_same_number_in_every_process():
+    # views whose JSD terms, summed in a set's order, ended in other last bits under other string hashings
+    a0, a1 = ["8", "36", "4", "16", "7", "31", "28", "30"], ["24", "13", "6", "31", "1", "24", "27", "38"]
+    code = f"import rewards; print(repr(rewards.div_penalty({a0!r}, {a1!r})))"
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed), "PYTHONPATH": str(ROOT)}).stdout
+            for seed in range(6)}
+    assert len(outs) == 1 and float(outs.pop()) == pytest.approx(div_penalty(a0, a1), abs=0)
