@@ -262,7 +262,11 @@ def prompt_ids(tokenizer, system, user, thinking_block=False):
 
 def is_correct(text, row, finished=True):
     """1[answer of the completion = gold]; a completion without an answer is wrong."""
-    answer = hms.answer_of(text, row, finished)
+    return is_right(hms.answer_of(text, row, finished), row)
+
+
+def is_right(answer, row):
+    """1[answer = the row's gold answer], for an answer already read (hms.answer_of); None is wrong."""
     return answer is not None and answer == hms.gold_answer(row)
 
 
@@ -342,9 +346,9 @@ def evaluate(model, tokenizer, rows, *, n=16, temperature=0.8, top_p=0.95, max_n
                 for j, ids in enumerate(outs):  # prompt-major: the k samples of a question are adjacent
                     row, text = rows[start + j // k], tokenizer.decode(ids, skip_special_tokens=True)
                     done = sample.finished(ids, stops)
+                    answer = hms.answer_of(text, row, done)  # read once, for the record and its grade
                     graded.append(dict(id=row["id"], kind=kind, index=j % k, text=text, finished=done,
-                                       answer=hms.answer_of(text, row, done),
-                                       correct=is_correct(text, row, done)))
+                                       answer=answer, correct=is_right(answer, row)))
                 records += graded
                 if on_records:
                     on_records(graded)
