@@ -101,14 +101,15 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 def answer_of(text, row, finished=True):
     """A completion's answer to a benchmark row (eval.py's schema), in normal form (a letter for multiple
     choice); None if none. finished: the completion ended with a stop token (False: cut off by
-    max_new_tokens)."""
+    max_new_tokens). A box whose content normalises to nothing (\\boxed{\\text{}}, \\boxed{.}) holds no
+    answer: "" would count as one in the votes, and a model that learned to write empty boxes be rewarded."""
     if row.get("choices"):
         return extract_choice(text, len(row["choices"]))
     boxed = extract_answer(text)
     if boxed is None and finished and row.get("answer_format") == "number":
         numbers = _NUMBER.findall(text)
         boxed = numbers[-1] if numbers else None
-    return None if boxed is None else normalize_answer(boxed)
+    return None if boxed is None else normalize_answer(boxed) or None
 
 
 def gold_answer(row):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hms import (SELECTORS, _simulate, cross_select, extract_answer, extract_choice,
+from hms import (SELECTORS, _simulate, answer_of, cross_select, extract_answer, extract_choice,
                  harmonic_mean_select, hms_scores, majority_vote, normalize_answer,
                  pooled_majority_vote, select_labels)
 
@@ -140,6 +140,18 @@ def test_extract_answer_cases():
     assert extract_answer(r"\boxed{4} but then \boxed{\frac{1}{2") is None  # cut off inside the last box
     assert extract_answer("the answer is 4") is None
     assert extract_answer("") is None
+
+
+def test_a_box_that_normalises_to_nothing_holds_no_answer():
+    # the auditor's case: 6 empty-looking boxes a view beat 5 sevens in both views, and were rewarded
+    row = {"answer": "7"}
+    view0 = [r"so \boxed{\text{}}"] * 6 + [r"\boxed{7}"] * 5 + ["no box"] * 5
+    view1 = [r"\boxed{$ $}"] * 3 + [r"\boxed{.}"] * 2 + [r"\boxed{\,}"] + [r"\boxed{7}"] * 5 + ["no box"] * 5
+    answers0, answers1 = ([answer_of(t, row) for t in view] for view in (view0, view1))
+    assert answers0 == [None] * 6 + ["7"] * 5 + [None] * 5
+    assert answers1 == [None] * 6 + ["7"] * 5 + [None] * 5
+    assert harmonic_mean_select(answers0, answers1) == "7" and majority_vote(answers0) == "7"
+    assert answer_of(r"\boxed{0}", row) == "0"  # a zero is an answer
 
 
 def test_extract_choice():
