@@ -214,6 +214,8 @@ SOLVER_SYSTEM = "Let's think step by step and output the final answer within \\b
 # rows with answer_format "number" (arith): a 135M model rarely writes \boxed{}, so it is asked for
 # the bare number (hms.answer_of reads it)
 NUMBER_SYSTEM = "Answer with just the number."
+# a line METHOD.md does not have: asked only for the final answer in a box, a model may box the option's text
+# or value, which names no option (hms.extract_choice reads the first standalone letter in the last box)
 CHOICE_INSTRUCTION = "Put only the letter of the correct option in \\boxed{}."
 
 
