@@ -386,7 +386,7 @@ def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0,
     check_every = check_every or (8 if cuda else 1)
     N = len(prompts) * n  # sequence i is sample i % n of prompt i // n
     R, L = min(max_rows or N, N), cache_columns(max(map(len, prompts)) + max_new_tokens)
-    sampling, stops = (temperature, top_k, top_p), set(stop_ids)
+    sampling, stops = (temperature, top_k, top_p), {int(s) for s in stop_ids}  # ints: a tensor's hash is its id
     with torch.autocast(device.type, enabled=False):
         slots = Slots(model, R, L, check_every, dtype, device)
     row_sizes = buckets(R) if cuda_graphs else range(1, R + 1)

@@ -412,11 +412,13 @@ def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0,
     max_rows: at most this many sequences in flight (None: all of them). The eager loop meets it
     by sampling whole prompts in chunks (at least one prompt, n rows, a chunk).
     progress: called with the number of completions that have just ended (a progress bar's update).
+    A seeded generator reproduces a call with the same arguments; the fast engine's samples also follow
+    max_rows and its schedule (it draws a uniform for every row of a decode step's bucket).
     """
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("generate needs at least one prompt and no empty prompt")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, not {max_new_tokens}")
+    if max_new_tokens < 1 or n < 1:
+        raise ValueError(f"max_new_tokens and n must be >= 1, not {max_new_tokens} and {n}")
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:  # else every token masked, or the softmax inverted
         raise ValueError(f"sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1, not temperature "
                          f"{temperature}, top_k {top_k}, top_p {top_p}")

@@ -114,6 +114,8 @@ def test_one_new_token_and_stop_on_the_first_token(tok):
     out = engine.generate(model, ids, 8, n=2, temperature=0, stop_ids=[first[0]], max_rows=1)
     assert out[0] == out[1] == [first[0]]  # finished at admission: the slot went straight to the next
     assert out[2] == out[3] and len(out[2]) >= 1
+    as_tensor = engine.generate(model, ids, 8, n=2, temperature=0, stop_ids=torch.tensor([first[0]]), max_rows=1)
+    assert as_tensor == out  # stop ids as a tensor stop the rows too (its elements hash by identity, not value)
 
 
 def test_stop_ids_and_max_new_tokens(tok):

@@ -222,6 +222,8 @@ def test_eager_max_rows_samples_whole_prompts_in_chunks(model, tok):
     assert generate(model, ids, 12, n=2, temperature=0, max_rows=3) == whole  # one prompt (2 rows) a call
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, ids, 0)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        generate(model, ids, 4, n=0)
 
 
 @pytest.mark.parametrize("engine", ["eager", "fast"])
