@@ -59,6 +59,7 @@ import transformers
 from transformers import CompileConfig
 
 import engine
+from eval import number, numbers
 from sample import generate, kv_bytes_per_token, left_pad, load_model, stop_ids
 
 COLUMNS = ("ours fast", "ours eager", "HF dynamic", "HF static+compile")  # run in this order: slowest last
@@ -359,7 +360,7 @@ def bench_update(args):
     results, meta = [], dict(device=args.device, device_name=device_name, torch=torch.__version__,
                              transformers=transformers.__version__, model=name, matmul_flops=rate,
                              update_flops=flops, micro_batch_tokens=budget, compile=args.compile)
-    for checkpointing in map(int, args.checkpointing.split(",")):
+    for checkpointing in args.checkpointing:
         grpo.set_checkpointing(model, checkpointing)
         setting = {0: "off", 1: "on"}.get(checkpointing, f"every {checkpointing}")
         optimizer = grpo.make_optimizer(model, lr=1e-7)
@@ -410,9 +411,9 @@ def main(argv=None):
     parser.add_argument("--model", default=None,
                         help="model to load (default: smollm2 on cpu, random:qwen3-1.7b on cuda)")
     parser.add_argument("--cases", default="equal,prefix,ragged", help="cases to run (prefix: text models)")
-    parser.add_argument("--batches", default=None,
+    parser.add_argument("--batches", type=numbers(int, 1), default=None,
                         help="comma-separated rows of the equal cases (default 1,8,32; 64,256,512 on cuda)")
-    parser.add_argument("--max-new", type=int, default=None,
+    parser.add_argument("--max-new", type=number(int, 1), default=None,
                         help="new tokens of every case instead of its own (smoke runs)")
     parser.add_argument("--columns", default=",".join(COLUMNS), help="columns to run (default: all four)")
     parser.add_argument("--quick", action="store_true",
@@ -429,15 +430,20 @@ def main(argv=None):
     # the update instead of the samplers
     parser.add_argument("--update", action="store_true",
                         help="time grpo.step on paper-shaped rows, at each --checkpointing setting")
-    parser.add_argument("--rows", type=int, default=None, help="--update: rows (default 128 on cuda, 4 on cpu)")
-    parser.add_argument("--checkpointing", default="1,0",
+    parser.add_argument("--rows", type=number(int, 1), default=None,
+                        help="--update: rows (default 128 on cuda, 4 on cpu)")
+    parser.add_argument("--checkpointing", type=numbers(int, 0), default="1,0",
                         help="--update: the settings to time, grpo.set_checkpointing's every: 1 every layer, 0 none, "
                              "2 every other layer (default 1,0)")
-    parser.add_argument("--micro-batch-tokens", type=int, default=None,
-                        help="--update: token budget of a micro-batch (default 16384 on cuda, 512 on cpu)")
+    parser.add_argument("--micro-batch-tokens", type=number(int, 0), default=None,
+                        help="--update: token budget of a micro-batch (default, or 0: 16384 on cuda, 512 on cpu)")
     parser.add_argument("--profile", action="store_true",
                         help="--update: each setting's step again on 16 rows (cpu: 2) under torch's profiler")
     args = parser.parse_args(argv)
+    columns = [c.strip() for c in args.columns.split(",")]
+    if unknown := [c for c in columns if c not in COLUMNS]:
+        raise SystemExit(f"unknown --columns {', '.join(map(repr, unknown))}: use any of "
+                         f"{', '.join(map(repr, COLUMNS))}, comma-separated")
     if args.update:
         return bench_update(args)
 
@@ -450,7 +456,7 @@ def main(argv=None):
     model, tok = load_model(name, args.device, dtype)
     if engine.supports(model):  # as the loop does to its sampling copy (HF's columns read the same weights)
         engine.fuse(model)
-    batches = [int(b) for b in (args.batches or ("64,256,512" if gpu else "1,8,32")).split(",")]
+    batches = args.batches or ([64, 256, 512] if gpu else [1, 8, 32])
     if name.startswith("random:"):
         cases, pad_id = random_cases(model.config.vocab_size, batches, args.cases, args.max_new, args.seed), 0
     else:
@@ -478,7 +484,7 @@ def main(argv=None):
     results = []
     for case in cases:
         for column in COLUMNS:
-            if column not in columns_to_run(case, gpu, args.quick) or column not in args.columns.split(","):
+            if column not in columns_to_run(case, gpu, args.quick) or column not in columns:
                 print_row(case, column)
                 continue
             timed_case = quick_share(case, column, args.quick)

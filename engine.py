@@ -55,7 +55,7 @@ from itertools import islice
 import torch
 import torch.nn.functional as F
 
-from sample import KVCache, cache_columns, forward_last, left_pad, sample_next
+from sample import KVCache, cache_columns, check_request, forward_last, left_pad, sample_next
 
 ARCHS = ("llama", "qwen2", "qwen3")  # config.model_type values whose forward is written below
 # "sdpa": torch's fused attention (one kernel; 1.0-1.2x "matmul" in bench's CPU cases); "matmul": the same
@@ -368,6 +368,7 @@ def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0,
     captured, the decode steps run and the rows they computed (bucket_rows, of which live_rows were
     sequences in flight); the device is synchronised around each timed part.
     """
+    check_request(prompts, max_new_tokens, n, temperature, top_k, top_p)
     device, dtype = model.device, next(model.parameters()).dtype
     cuda = device.type == "cuda"
     drop_stale_joins(model)
@@ -553,17 +554,20 @@ def profile_step(model, rows, length):
 
 
 if __name__ == "__main__":
+    from eval import number, numbers
     from sample import generate_eager, load_model, stop_ids
 
     parser = argparse.ArgumentParser(description="The fast engine against the eager loop (same greedy tokens, "
                                                  "both timed), or where one decode step's time goes (--profile).")
     parser.add_argument("--model", default="smollm2", help="hub id, folder, smollm2, tiny, random:qwen3-1.7b")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--dtype", default="float32", help="float32 (CPU) or bfloat16")
-    parser.add_argument("-n", type=int, default=8, help="samples a prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="longest completion")
-    parser.add_argument("--max-rows", type=int, default=None, help="rows in flight (default: all)")
-    parser.add_argument("--profile", default=None, help="ROWS,COLUMNS: time one decode step of this shape")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="float32 (CPU) or bfloat16")
+    parser.add_argument("-n", type=number(int, 1), default=8, help="samples a prompt")
+    parser.add_argument("--max-new-tokens", type=number(int, 1), default=64, help="longest completion")
+    parser.add_argument("--max-rows", type=number(int, 1), default=None, help="rows in flight (default: all)")
+    parser.add_argument("--profile", type=numbers(int, 1, count=2), default=None, metavar="ROWS,COLUMNS",
+                        help="time one decode step of ROWS slots reading COLUMNS cache columns")
     parser.add_argument("--attention", default=ATTENTION, choices=ATTENTIONS,
                         help="the engine's attention (default: varlen on CUDA in bfloat16, else sdpa)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each layer's decode step and the sampler (COMPILE)")
@@ -574,7 +578,7 @@ if __name__ == "__main__":
         fuse(model)
     if args.profile:
         with torch.no_grad():
-            profile_step(model, *map(int, args.profile.split(",")))
+            profile_step(model, *args.profile)
         raise SystemExit
     questions = [f"What is {a} + {b}? Think step by step." for a, b in ((3, 4), (12, 30), (7, 7), (100, 1))]
     chat = lambda q: tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,

@@ -410,6 +410,17 @@ def number(kind, low=None, high=None, above=False):
     return parse
 
 
+def numbers(kind, low=None, high=None, count=None):
+    """An argparse type: comma-separated `number`s ("64,256,512"), exactly `count` of them if count is set."""
+    one, name = number(kind, low, high), "integers" if kind is int else "numbers"
+    def parse(text):
+        items = text.split(",")
+        if count is not None and len(items) != count:
+            raise argparse.ArgumentTypeError(f"must be {count} comma-separated {name}, not {text!r}")
+        return [one(x) for x in items]
+    return parse
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a model on a benchmark: mean@k, maj@k, pass@k, greedy.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
@@ -459,6 +470,8 @@ def main(argv=None):
     model, tokenizer = sample.load_model(args.model, device=device, dtype=args.dtype)
     engine = args.engine or ("fast" if device.startswith("cuda") else "eager")
     out.mkdir(parents=True, exist_ok=True)
+    # the samples file is emptied below: an earlier run's metrics beside it would describe another run
+    json_path.unlink(missing_ok=True)
 
     def write(summary, **extra):
         json_path.write_text(json.dumps({"args": vars(args), **extra, **summary}, indent=2) + "\n")
@@ -480,7 +493,7 @@ def main(argv=None):
             partial = summarize_records(rows, graded, args.n)
             if partial is None:
                 raise SystemExit(f"interrupted before any question was done; {samples_path} holds "
-                                 f"{len(graded)} completions")
+                                 f"{len(graded)} completions, and no metrics were written")
             write(partial, interrupted=True)
             raise SystemExit(f"interrupted: {partial['questions']} of {len(rows)} questions done, their metrics "
                              f"in {json_path} (marked interrupted)")

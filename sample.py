@@ -147,9 +147,21 @@ def gguf_to_hf(gguf_path, cache_dir):
     return cache_dir
 
 
+def check_device(name):
+    """name, if torch here can run on that device; else a one-line error (not torch's traceback)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"unknown device {str(name)!r}: cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"device {str(name)!r}: this torch sees no CUDA GPU (torch.cuda.is_available() is False)")
+    return name
+
+
 def load_model(name, device="cpu", dtype="float32"):
     """(model, tokenizer) for a hub id, a local folder, a .gguf file, 'smollm2', 'tiny' / 'tiny-llama',
     or 'random:qwen3-1.7b' (-4b, -8b: random weights of those shapes, for timing without a download)."""
+    check_device(device)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if name in ("tiny", "tiny-qwen3", "tiny-llama"):
         model, tokenizer = tiny_model("llama" if name == "tiny-llama" else "qwen3"), byte_tokenizer()
@@ -415,13 +427,7 @@ def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0,
     A seeded generator reproduces a call with the same arguments; the fast engine's samples also follow
     max_rows and its schedule (it draws a uniform for every row of a decode step's bucket).
     """
-    if not prompts or min(len(p) for p in prompts) == 0:
-        raise ValueError("generate needs at least one prompt and no empty prompt")
-    if max_new_tokens < 1 or n < 1:
-        raise ValueError(f"max_new_tokens and n must be >= 1, not {max_new_tokens} and {n}")
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:  # else every token masked, or the softmax inverted
-        raise ValueError(f"sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1, not temperature "
-                         f"{temperature}, top_k {top_k}, top_p {top_p}")
+    check_request(prompts, max_new_tokens, n, temperature, top_k, top_p)
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, stop_ids=stop_ids, generator=generator,
                     progress=progress)
     if engine == "fast":
@@ -433,6 +439,18 @@ def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0,
     chunk = max(1, (max_rows or len(prompts) * n) // n)  # prompts a call
     return [c for i in range(0, len(prompts), chunk)
             for c in generate_eager(model, prompts[i : i + chunk], max_new_tokens, n=n, **sampling)]
+
+
+def check_request(prompts, max_new_tokens, n, temperature, top_k, top_p):
+    """A ValueError for a request no sampler can serve (both engines check: engine.generate is called
+    directly too)."""
+    if not prompts or min(len(p) for p in prompts) == 0:
+        raise ValueError("generate needs at least one prompt and no empty prompt")
+    if max_new_tokens < 1 or n < 1:
+        raise ValueError(f"max_new_tokens and n must be >= 1, not {max_new_tokens} and {n}")
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:  # else every token masked, or the softmax inverted
+        raise ValueError(f"sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1, not temperature "
+                         f"{temperature}, top_k {top_k}, top_p {top_p}")
 
 
 @torch.no_grad()  # not inference_mode: callers may feed these ids into autograd later

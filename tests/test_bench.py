@@ -76,3 +76,19 @@ def test_update_benchmark_on_the_tiny_model(tmp_path, capsys):
     estimate = [r["activations_estimate_gib"] for r in results]
     assert estimate[0] < estimate[1] and estimate[2] < estimate[1]
     assert json.loads(path.read_text())["results"] == results
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batches", "0"], "argument --batches: must be an integer >= 1, not 0"),
+    (["--batches", "8,x"], "argument --batches: must be an integer, not 'x'"),
+    (["--max-new", "-3"], "argument --max-new: must be an integer >= 1, not -3"),
+    (["--update", "--rows", "0"], "argument --rows: must be an integer >= 1, not 0"),
+    (["--update", "--micro-batch-tokens", "-1"], "argument --micro-batch-tokens: must be an integer >= 0, not -1"),
+    (["--update", "--checkpointing", "1,-2"], "argument --checkpointing: must be an integer >= 0, not -2"),
+    (["--columns", "ours fast,bogus"], "unknown --columns 'bogus': use any of 'ours fast', 'ours eager', "),
+])
+def test_options_out_of_range_are_refused_in_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:  # before any model is loaded or anything is timed
+        bench.main(["--model", "tiny", "--max-new", "2", *argv])
+    said = str(e.value.code) if e.value.code != 2 else capsys.readouterr().err.splitlines()[-1]
+    assert message in said

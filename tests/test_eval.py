@@ -1,5 +1,6 @@
 """eval.py: benchmark loading, the arith generator, prompts, grading, metrics, and the CLI end to end."""
 
+import argparse
 import json
 import operator
 import re
@@ -12,6 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 import eval as ev
 import hms
+import sample
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not DATA.is_dir():
@@ -258,8 +260,6 @@ def test_cli_end_to_end_on_the_tiny_model(tmp_path):
 
 
 def test_evaluate_reproduces_with_a_seed_and_restores_train_mode():
-    import sample
-
     model, tokenizer = sample.load_model("tiny")
     rows = ev.load_benchmark("arith", n=3)
     model.train()
@@ -295,8 +295,6 @@ def test_arith_asks_for_the_bare_number_and_reads_the_last_one():
 
 
 def test_ctrl_c_keeps_the_questions_done_and_says_so_in_one_line(tmp_path, monkeypatch):
-    import sample
-
     real, calls = sample.generate, []
 
     def interrupted_on_the_third_call(*args, **kwargs):
@@ -318,6 +316,32 @@ def test_ctrl_c_keeps_the_questions_done_and_says_so_in_one_line(tmp_path, monke
     whole = ev.main(argv[:5] + ["2"] + argv[6:] + ["--out-dir", str(tmp_path / "whole")])
     assert (tmp_path / "whole" / "arith-tiny.samples.jsonl").read_text().splitlines() == [json.dumps(s) for s in samples]
     assert whole["mean@2"] == results["mean@2"]
+
+
+def test_a_rerun_interrupted_before_any_question_leaves_no_stale_metrics(tmp_path, monkeypatch):
+    argv = ["--model", "tiny", "--data", "arith", "--arith-n", "2", "--n", "2", "--max-new-tokens", "3",
+            "--out-dir", str(tmp_path)]
+    ev.main(argv)  # an earlier whole run: its metrics and samples
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample, "generate", interrupted)
+    with pytest.raises(SystemExit, match="interrupted before any question was done; .* 0 completions, and no metrics"):
+        ev.main(argv)
+    # the samples file is the new run's (empty): the old run's metrics must not sit beside it
+    assert (tmp_path / "arith-tiny.samples.jsonl").read_text() == ""
+    assert not (tmp_path / "arith-tiny.json").exists()
+
+
+def test_numbers_parses_comma_separated_numbers_or_says_what_is_wrong():
+    assert ev.numbers(int, 1)("64,256") == [64, 256] and ev.numbers(int, 1, count=2)("8,512") == [8, 512]
+    for parse, text, message in [(ev.numbers(int, 1), "8,0", "must be an integer >= 1, not 0"),
+                                 (ev.numbers(int, 1), "8,,2", "must be an integer, not ''"),
+                                 (ev.numbers(int, 1, count=2), "abc", "must be 2 comma-separated integers, not 'abc'"),
+                                 (ev.numbers(int, 1, count=2), "1,2,3", "must be 2 comma-separated integers")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            parse(text)
 
 
 def test_results_are_named_by_the_whole_model_id_and_never_overwrite_another_models(tmp_path):
