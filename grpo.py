@@ -286,8 +286,10 @@ def lr_schedule(step, total_steps, warmup_frac=0.1):
 
 
 def accumulate_gradients(model, rollouts, micro_batch_size, ref_model=None, clip_eps=0.2,
-                         kl_coef=0.005, temperature=1.0, agg="view-token-mean", micro_batch_tokens=None):
-    """Backward of the step's loss, micro-batch by micro-batch, into model's .grad.
+                         kl_coef=0.005, temperature=1.0, agg="view-token-mean", micro_batch_tokens=None,
+                         progress=None):
+    """Backward of the step's loss, micro-batch by micro-batch, into model's .grad. progress: called with
+    each micro-batch's number of rows once its backward is done (a progress bar's update).
 
     Each micro-batch divides by the whole step's denominator (fixed before the first
     backward), so the sum of their gradients is the gradient of the full batch, however split:
@@ -334,6 +336,8 @@ def accumulate_gradients(model, rollouts, micro_batch_size, ref_model=None, clip
         for k in ("clip_frac", "ratio", "kl"):
             totals[k] += stats[k] * share
         slots += mb.attention_mask.numel() * real
+        if progress and real:
+            progress(len(mb.advantages))
     # the share of the forward's row x column slots that were padding
     totals["pad_share"] = 1 - rollouts.attention_mask.sum().item() / max(1, slots)
     return totals

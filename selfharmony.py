@@ -56,8 +56,8 @@ import hms
 import rewards
 from eval import (evaluate, format_question, load_benchmark, number, prompt_ids, solver_messages,
                   summarize_records)
-from sample import (default_kv_budget_gb, finished, generate, kv_bytes_per_token, load_model, rows_for_budget,
-                    sampling_copy, stop_ids, sync_sampling_copy)
+from sample import (check_device, default_kv_budget_gb, finished, generate, kv_bytes_per_token, load_model,
+                    rows_for_budget, sampling_copy, stop_ids, sync_sampling_copy)
 
 # -----------------------------------------------------------------------------
 # The reframer's prompts (this project's wording; METHOD.md gives the required layout)
@@ -268,28 +268,39 @@ class Episode:
     reward: float = 0.0
 
 
+def work_bar(total, desc, unit):
+    """A progress bar for a part of a step (sampling, the update), on rank 0 only, gone when done."""
+    quiet = dist.is_initialized() and dist.get_rank() > 0
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=quiet)
+
+
+def first_prompts(tokenizer, rows, args):
+    """The prompts a step starts from, a row each: view 0's (the solver's), and view 1's (fused: rewrite
+    and solve; given: the solver's on the row's paraphrase; separate: the request for a rewrite). The
+    start-up builds them for every question, so a prompt over --max-prompt-tokens stops the run there."""
+    prompts0 = [solver_prompt(tokenizer, r, args) for r in rows]
+    if args.reframe == "given":
+        return prompts0, [solver_prompt(tokenizer, r, args, r["reframed"]) for r in rows]
+    system = FUSED_SYSTEM if args.reframe == "fused" else REWRITE_SYSTEM
+    return prompts0, [encode(tokenizer, system, format_question(r), args, r["id"]) for r in rows]
+
+
 def rollout(sampler, tokenizer, rows, args, generator, stops):
     """The step's episodes, view 0's then view 1's, each question's G together; and x' per question when
     separate. Both views go to the sampler as one pool; it keeps as many rows in flight as the KV budget
     holds."""
     def sample(prompts, n=args.n_rollouts):
         rows_in_flight = max_rows(sampler, max(map(len, prompts)) + args.max_new_tokens, args, len(rows) * n)
-        quiet = dist.is_initialized() and dist.get_rank() > 0
-        with tqdm(total=len(prompts) * n, desc="rollouts", unit="rollout", leave=False, disable=quiet) as bar:
+        with work_bar(len(prompts) * n, "rollouts", "rollout") as bar:
             return generate(sampler, prompts, args.max_new_tokens, n=n, temperature=args.temperature,
                             stop_ids=stops, generator=generator, engine=args.engine, max_rows=rows_in_flight,
                             progress=bar.update)
 
     rewrites = None
-    prompts0 = [solver_prompt(tokenizer, r, args) for r in rows]
-    if args.reframe == "fused":
-        prompts1 = [encode(tokenizer, FUSED_SYSTEM, format_question(r), args, r["id"]) for r in rows]
-    elif args.reframe == "given":
-        prompts1 = [solver_prompt(tokenizer, r, args, r["reframed"]) for r in rows]
-    else:  # separate: one rewrite a question, then G solutions of the rewrite
-        asks = [encode(tokenizer, REWRITE_SYSTEM, format_question(r), args, r["id"]) for r in rows]
+    prompts0, prompts1 = first_prompts(tokenizer, rows, args)
+    if args.reframe == "separate":  # prompts1 ask for one rewrite a question; view 1 solves it G times
         rewrites = [rewards.rewritten_problem(tokenizer.decode(o, skip_special_tokens=True))
-                    for o in sample(asks, 1)]
+                    for o in sample(prompts1, 1)]
         # a rewrite that missed the layout, or ran on so long that its solver prompt is over
         # --max-prompt-tokens, falls back to the original wording (logged as the share rewrite_failed)
         prompts1 = []
@@ -350,11 +361,11 @@ def train_step(model, policy, sampler, tokenizer, optimizer, scheduler, ref_mode
     batch = grpo.Rollouts(*grpo.pad_rollouts(pairs, pad_id), advantages, views=views).to(model.device)
     t2 = time.perf_counter()
     policy.train()
-    with autocast:
+    with autocast, work_bar(len(episodes), "update", "row") as bar:
         stats = grpo.step(policy, optimizer, batch, None if args.micro_batch_tokens else args.micro_batch,
                           ref_model, scheduler, max_grad_norm=args.max_grad_norm, clip_eps=args.clip_eps,
                           kl_coef=args.kl_coef, temperature=args.temperature, agg=args.loss_agg,
-                          micro_batch_tokens=args.micro_batch_tokens or None)
+                          micro_batch_tokens=args.micro_batch_tokens or None, progress=bar.update)
     sync_sampling_copy(sampler, model)
     stats.update(t_sample=t1 - t0, t_reward=t2 - t1, t_update=time.perf_counter() - t2)
     if mem_sample is not None:  # CUDA: the peaks that the start-up's memory estimate predicts
@@ -642,19 +653,16 @@ def plot(log_path, png_path):
 # The loop
 
 
-def open_run(args, argv, ddp, master):
-    """The run's folder (a new one named by rank 0's clock when --out-dir is not given) and, under --resume,
-    the state of its checkpoint. Refuses to write over another run; a run killed before its first
-    checkpoint starts over; a resumed run takes its own flags (resume_args). --plot draws the curves of
-    the folder's log and exits here. Returns (args, out_dir, ckpt, state): state None unless resuming."""
+def open_run(args, argv, ddp):
+    """The run's --out-dir and, under --resume, the state of its checkpoint. Refuses to write over another
+    run; a run killed before its first checkpoint starts over; a resumed run takes its own flags
+    (resume_args). --plot draws the curves of the folder's log and exits here. Makes nothing: the folder is
+    made by make_run_dir once the start-up checks have passed. Returns (args, out_dir, ckpt, state):
+    out_dir None for a new run with no --out-dir, state None unless resuming."""
     if args.out_dir is None:
         if args.resume or args.plot:
             raise SystemExit("--resume and --plot need the run's --out-dir")
-        name = [f"runs/{Path(args.model).name}-{Path(args.data).stem}-{args.selector}-"
-                f"{time.strftime('%Y%m%d-%H%M%S')}"]
-        if ddp:  # rank 0's clock names the folder for every rank
-            dist.broadcast_object_list(name, src=0)
-        args.out_dir = name[0]
+        return args, None, None, None
     out_dir = Path(args.out_dir)
     if args.plot:
         png = (plot(out_dir / "log.jsonl", out_dir / "curves.png") if (out_dir / "log.jsonl").exists()
@@ -664,33 +672,68 @@ def open_run(args, argv, ddp, master):
     if not args.resume and any((out_dir / f).exists() for f in ("log.jsonl", "ckpt", "ckpt.old")):
         raise SystemExit(f"{out_dir} holds a run already: pass --resume to continue it, or another --out-dir")
     ckpt = out_dir / "ckpt" if (out_dir / "ckpt").exists() else out_dir / "ckpt.old"
-    saved = None  # the flags of the run being resumed
-    if args.resume and not ckpt.exists():
-        if not (out_dir / "log.jsonl").exists():
-            raise SystemExit(f"--resume: no checkpoint in {out_dir}")
-        # killed before its first checkpoint: nothing to continue from, so the run starts over,
-        # with its own flags
-        print(f"--resume: {out_dir} has no checkpoint yet; the run starts over")
-        for name in ("log.jsonl", "samples.jsonl"):
-            (out_dir / name).unlink(missing_ok=True)
-        args.resume = False
-        if (out_dir / "flags.json").exists():
-            saved = json.loads((out_dir / "flags.json").read_text())
-    state = None
-    if args.resume:  # read once: the run's flags now, the optimiser and schedule once they exist
-        # mapped, not read: under FSDP every rank opens the whole AdamW state and keeps only its shard
-        state = torch.load(ckpt / "trainer.pt", map_location="cpu", mmap=True, weights_only=False)
+    state = saved = None  # saved: the flags of the run being resumed
+    if args.resume and ckpt.exists():  # read once: the run's flags now, the optimiser and schedule later
+        try:  # mapped, not read: under FSDP every rank opens the whole AdamW state and keeps only its shard
+            state = torch.load(ckpt / "trainer.pt", map_location="cpu", mmap=True, weights_only=False)
+        except Exception as e:  # torch's errors for a damaged file are RuntimeError, EOFError, pickle's...
+            raise SystemExit(unreadable(ckpt / "trainer.pt", e))
         saved = state["args"]
+    elif args.resume:  # killed before its first checkpoint, maybe in the first evaluation
+        if not any((out_dir / f).exists() for f in ("log.jsonl", "flags.json")):
+            raise SystemExit(f"--resume: no checkpoint in {out_dir}")
+        if (out_dir / "flags.json").exists():
+            try:
+                saved = json.loads((out_dir / "flags.json").read_text())
+            except json.JSONDecodeError as e:
+                raise SystemExit(unreadable(out_dir / "flags.json", e))
     if saved is not None:
         args = resume_args(args, argv, saved)
         if args.fsdp and not ddp:
             raise SystemExit("this run was made with --fsdp: resume it under torchrun")
+    if args.resume and state is None:  # nothing to continue from: the run starts over, with its own flags
+        print(f"--resume: {out_dir} has no checkpoint yet; the run starts over")
+        for name in ("log.jsonl", "samples.jsonl"):
+            (out_dir / name).unlink(missing_ok=True)
+        args.resume = False
+    return args, out_dir, ckpt, state
+
+
+def unreadable(path, error):
+    """The message for a run file that exists but cannot be read (a damaged disk, a hand edit): the
+    checkpoints themselves are written atomically."""
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    return (f"--resume: cannot read {path} ({type(error).__name__}: {first}); the run cannot continue "
+            "from it: start it again in another --out-dir")
+
+
+def make_run_dir(args, out_dir, ddp, master):
+    """The run's folder, made once the start-up checks have passed (a start that fails leaves none):
+    --out-dir, or a new runs/<model>-<data>-<selector>-<time>, which a run started in the same second
+    cannot take too (it gets -2, -3, ...). A new run's flags go to its flags.json, for a --resume before
+    its first checkpoint."""
+    if out_dir is None:
+        name = [None]
+        if master:  # rank 0 names the folder for every rank
+            stem = (f"runs/{Path(args.model).name}-{Path(args.data).stem}-{args.selector}-"
+                    f"{time.strftime('%Y%m%d-%H%M%S')}")
+            name[0], k = stem, 1
+            while True:
+                try:
+                    Path(name[0]).mkdir(parents=True)  # not exist_ok: the run that makes it has it
+                    break
+                except FileExistsError:
+                    k += 1
+                    name[0] = f"{stem}-{k}"
+        if ddp:
+            dist.broadcast_object_list(name, src=0)
+        args.out_dir, out_dir = name[0], Path(name[0])
     out_dir.mkdir(parents=True, exist_ok=True)
-    if master and not args.resume:  # the run's flags as given, for a --resume before its first checkpoint
+    if master and not args.resume:
         tmp = out_dir / "flags.json.tmp"
         tmp.write_text(json.dumps({k: getattr(args, k) for k in RUN_FLAGS + KEPT_FLAGS}))
         os.replace(tmp, out_dir / "flags.json")
-    return args, out_dir, ckpt, state
+    return out_dir
 
 
 def main(argv=None):
@@ -704,12 +747,12 @@ def main(argv=None):
                                 timeout=datetime.timedelta(hours=3))
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     master = rank == 0
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device == "cuda" and ddp:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)  # FSDP's device mesh and NCCL take the current device
     compute_dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
-    args, out_dir, ckpt, state = open_run(args, argv, ddp, master)
+    args, out_dir, ckpt, state = open_run(args, argv, ddp)
     torch.manual_seed(args.seed)
 
     try:
@@ -731,7 +774,13 @@ def main(argv=None):
                               enabled=compute_dtype != torch.float32)
     # under --fsdp the whole float32 weights stay on the CPU until fully_shard moves each rank's shard over
     home = "cpu" if args.fsdp else device
-    model, tokenizer = load_model(str(ckpt) if args.resume else args.model, home, torch.float32)
+    try:
+        model, tokenizer = load_model(str(ckpt) if args.resume else args.model, home, torch.float32)
+    except Exception as e:  # a damaged checkpoint (load_model's own messages are SystemExits, not Exceptions)
+        if not args.resume:
+            raise
+        raise SystemExit(unreadable(ckpt, e))
+    first_prompts(tokenizer, questions, args)  # a prompt over --max-prompt-tokens stops the run here
     ref_model = None
     if args.kl_coef:  # the reference is the starting model (the run's --model), also after a resume
         ref_model = (load_model(args.model, home, torch.float32)[0] if args.resume
@@ -765,6 +814,7 @@ def main(argv=None):
     optimizer = grpo.make_optimizer(model, args.lr, args.weight_decay)
     if not args.resume:  # AdamW's moments now, beside the weights (a resumed run loads them below)
         grpo.allocate_state(optimizer)
+    out_dir = make_run_dir(args, out_dir, ddp, master)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                   lambda s: grpo.lr_schedule(s, total_steps, args.warmup))
     start = 0
@@ -835,13 +885,12 @@ def main(argv=None):
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     # step: the one in progress, for the messages below
-    skips, last_save, step = 0, time.monotonic(), start - 1
+    skips, last_save, step, bar = 0, time.monotonic(), start - 1, None
     try:
         if start == 0:
             run_eval(0)
-        bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not master,
-                   desc="train")
-        for step in bar:
+        bar = tqdm(initial=start, total=total_steps, disable=not master, desc="train")
+        for step in range(start, total_steps):
             indices, epoch = batch_indices(step, len(questions), args.batch_size, args.seed)
             rows = [questions[i] for i in indices[rank::world]]
             # each step draws from its own generator: a resumed run samples what an uninterrupted one would
@@ -858,14 +907,16 @@ def main(argv=None):
                 with open(texts_path, "a") as f:
                     f.writelines(sample_lines(out, rows[0], step + 1, args))
                 bar.write(progress_line(row))
+            bar.update()
 
             # the same on every rank: the gradient norm is summed over ranks before it is judged
             skips = skips + 1 if out["stats"]["skipped"] else 0
             if skips == MAX_SKIPS:
                 raise SystemExit(f"stopped at step {step + 1}: the gradient was NaN or inf in {MAX_SKIPS} "
                                  "steps in a row, and those updates were skipped (no checkpoint written "
-                                 "since). Lower --lr or --max-grad-norm, or --resume from the last "
-                                 "checkpoint")
+                                 "since). Start a new run with a lower --lr or --max-grad-norm: --resume "
+                                 "keeps the run's flags, and from its last checkpoint would draw these "
+                                 "steps' rollouts again")
 
             done = step + 1 == total_steps
             if args.stop_after and step + 1 - start >= args.stop_after and not done and not stop_requested:
@@ -903,9 +954,12 @@ def main(argv=None):
             raise
         raise SystemExit(f"disk full in step {step + 1} ({e}): free some space in {out_dir}, then --resume")
     except KeyboardInterrupt:  # the second Ctrl-C: checkpoints are written atomically, so the last one stands
-        raise SystemExit(f"interrupted in step {step + 1}; --resume --out-dir {out_dir} continues from the "
-                         "last checkpoint")
+        print(f"interrupted in step {step + 1}; --resume --out-dir {out_dir} continues from the last "
+              "checkpoint", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT)  # the shell's status for Ctrl-C, as after the first
     finally:
+        if bar is not None:
+            bar.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if ddp:

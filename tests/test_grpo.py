@@ -299,8 +299,11 @@ def test_micro_batches_by_tokens_give_the_one_pass_gradient_in_float64():
     grads = []
     for size, tokens in ((12, None), (None, 40), (3, 25), (None, 1)):  # one pass; by tokens; both caps; a row each
         model.zero_grad(set_to_none=True)
-        stats = accumulate_gradients(model, batch, size, ref_model, kl_coef=0.1, micro_batch_tokens=tokens)
+        done = []  # the progress bar's updates: each micro-batch's rows, once its backward is done
+        stats = accumulate_gradients(model, batch, size, ref_model, kl_coef=0.1, micro_batch_tokens=tokens,
+                                     progress=done.append)
         grads.append([p.grad.clone() for p in model.parameters()])
+        assert done == [len(mb.advantages) for mb in batch.micro_batches(size, tokens)] and sum(done) == 12
     for got in grads[1:]:
         for a, b in zip(got, grads[0]):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 import grpo
 import rewards
 import selfharmony
+from eval import load_benchmark
 from sample import byte_tokenizer, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -347,13 +348,49 @@ def test_the_loop_under_fsdp_stops_resumes_and_samples_what_the_replicated_loop_
     (["--batch-size", "5"], "--batch-size 5"),
     (["--data", "math500", "--data-dir", str(ROOT.parent / "shared" / "data"), "--reframe", "given"], "reframed"),
     (["--resume"], "no checkpoint"),
+    (["--device", "gpu"], "unknown device 'gpu'"),
 ])
 def test_bad_input_is_a_clear_message(tmp_path, capsys, argv, message):
-    argv = TINY + ["--steps", "1", "--no-eval", "--out-dir", str(tmp_path)] + argv
+    argv = TINY + ["--steps", "1", "--no-eval", "--out-dir", str(tmp_path / "run")] + argv
     with pytest.raises(SystemExit) as e:
         selfharmony.main(argv)
     text = str(e.value.code) + capsys.readouterr().err
     assert (message or "invalid choice") in text
+    assert not (tmp_path / "run").exists()  # a start that fails leaves no folder behind
+
+
+def test_a_prompt_over_the_limit_stops_the_start_up_before_the_first_evaluation(tmp_path, monkeypatch):
+    monkeypatch.setattr(selfharmony, "evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))
+    for reframe in ("fused", "given", "separate"):  # view 1's prompt is the longer one (fused, given)
+        flags = types.SimpleNamespace(reframe=reframe, max_prompt_tokens=10**6, thinking_block=False)
+        views = selfharmony.first_prompts(byte_tokenizer(), load_benchmark("arith", n=4), flags)
+        longest = max(len(ids) for view in views for ids in view)
+        with pytest.raises(SystemExit, match=f"prompt of {longest} tokens is over --max-prompt-tokens"):
+            selfharmony.main(TINY + ["--reframe", reframe, "--max-prompt-tokens", str(longest - 1), "--steps", "1",
+                                     "--out-dir", str(tmp_path / reframe)])
+        assert not (tmp_path / reframe).exists()
+
+
+def test_a_device_torch_cannot_use_is_one_line():
+    assert selfharmony.check_device("cpu") == "cpu"
+    with pytest.raises(SystemExit, match="unknown device 'gpu'"):
+        selfharmony.check_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="sees no CUDA GPU"):
+            selfharmony.check_device("cuda:0")
+
+
+@pytest.mark.parametrize("damaged", ["trainer.pt", "model.safetensors", "flags.json"])
+def test_a_damaged_run_file_is_one_line_and_deletes_nothing(tmp_path, damaged):
+    run = ["--no-eval", "--out-dir", str(tmp_path)]
+    selfharmony.main(TINY + ["--steps", "2", "--stop-after", "1"] + run)
+    if damaged == "flags.json":  # read when the run has no checkpoint yet
+        shutil.rmtree(tmp_path / "ckpt")
+    path = tmp_path / damaged if damaged == "flags.json" else tmp_path / "ckpt" / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # as a damaged disk would leave it
+    with pytest.raises(SystemExit, match=r"--resume: cannot read .*\(\w+: .*\); the run cannot continue"):
+        selfharmony.main(["--resume"] + run)
+    assert [r["step"] for r in read_log(tmp_path)] == [1]
 
 
 @pytest.mark.parametrize("content, says", [("", "no questions in the file"),
@@ -473,9 +510,17 @@ def test_kill_9_at_any_moment_then_resume_gives_the_uninterrupted_run(tmp_path):
 
 def test_a_run_without_out_dir_gets_its_own_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="--batch-size 5"):
+        selfharmony.main(TINY + ["--steps", "1", "--no-eval", "--batch-size", "5"])
+    assert not (tmp_path / "runs").exists()  # a start that fails names no folder
+    monkeypatch.setattr(time, "strftime", lambda fmt: "20261128-120000")  # runs started in the same second
     selfharmony.main(TINY + ["--steps", "1", "--no-eval"])
     run, = (tmp_path / "runs").iterdir()
-    assert run.name.startswith("tiny-arith-hms-") and (run / "ckpt").exists()
+    assert run.name == "tiny-arith-hms-20261128-120000" and (run / "ckpt").exists()
+    args = selfharmony.parse_args(TINY)
+    for k in (2, 3):
+        assert selfharmony.make_run_dir(args, None, False, True).resolve() == run.with_name(f"{run.name}-{k}")
+        args.out_dir = None
     for flag in ("--resume", "--plot"):
         with pytest.raises(SystemExit, match="need the run's --out-dir"):
             selfharmony.main(TINY + [flag])
@@ -586,15 +631,25 @@ def test_a_resume_before_the_first_checkpoint_starts_over_with_the_runs_flags(tm
     with pytest.raises(SystemExit, match=r"--selector hms \(the run's: mv\)"):
         shutil.rmtree(tmp_path / "ckpt")
         selfharmony.main(["--resume", "--selector", "hms"] + run)
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2]  # a refused --resume deletes nothing
 
 
-def test_a_second_ctrl_c_in_the_first_evaluation_is_one_line(tmp_path, monkeypatch):
+def test_a_second_ctrl_c_in_the_first_evaluation_is_one_line_then_resume_starts_over(tmp_path, monkeypatch,
+                                                                                      capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(selfharmony, "evaluate", interrupted)
-    with pytest.raises(SystemExit, match="interrupted in step 0; --resume"):
-        selfharmony.main(TINY + ["--steps", "1", "--out-dir", str(tmp_path)])
+    run = ["--out-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as stopped:
+        selfharmony.main(TINY + ["--selector", "mv", "--steps", "1"] + run)
+    assert stopped.value.code == 128 + signal.SIGINT  # the shell's status for Ctrl-C
+    assert "interrupted in step 0; --resume" in capsys.readouterr().err
+    assert {p.name for p in tmp_path.iterdir()} == {"flags.json"}  # killed before any log line
+    monkeypatch.undo()
+    selfharmony.main(["--resume", "--no-eval"] + run)  # starts over with the run's flags (tiny, mv), not the defaults
+    assert [r["step"] for r in read_log(tmp_path)] == [1]
+    assert torch.load(tmp_path / "ckpt" / "trainer.pt", weights_only=False)["args"]["selector"] == "mv"
 
 
 def test_cuda_peaks_of_sampling_and_update_are_logged(tmp_path, monkeypatch):
