@@ -780,7 +780,11 @@ def main(argv=None):
         if not args.resume:
             raise
         raise SystemExit(unreadable(ckpt, e))
-    first_prompts(tokenizer, questions, args)  # a prompt over --max-prompt-tokens stops the run here
+    # the prompts of every question the run's steps draw fit --max-prompt-tokens: checked here, not hours in
+    start = state["step"] if args.resume else 0
+    drawn = {i for s in range(start, total_steps) for i in batch_indices(s, len(questions), args.batch_size,
+                                                                         args.seed)[0]}
+    first_prompts(tokenizer, [questions[i] for i in sorted(drawn)], args)
     ref_model = None
     if args.kl_coef:  # the reference is the starting model (the run's --model), also after a resume
         ref_model = (load_model(args.model, home, torch.float32)[0] if args.resume
@@ -817,7 +821,6 @@ def main(argv=None):
     out_dir = make_run_dir(args, out_dir, ddp, master)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                   lambda s: grpo.lr_schedule(s, total_steps, args.warmup))
-    start = 0
     if args.resume:
         if args.fsdp:  # the whole state, keyed by weight name; each rank takes its shard
             set_optimizer_state_dict(model, optimizer, state["optimizer"],
@@ -825,7 +828,6 @@ def main(argv=None):
         else:
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start = state["step"]
         del state  # AdamW's state now lives in the optimizer
         if master:
             for path in (out_dir / "log.jsonl", out_dir / "samples.jsonl"):

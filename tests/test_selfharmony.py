@@ -360,15 +360,25 @@ def test_bad_input_is_a_clear_message(tmp_path, capsys, argv, message):
 
 
 def test_a_prompt_over_the_limit_stops_the_start_up_before_the_first_evaluation(tmp_path, monkeypatch):
-    monkeypatch.setattr(selfharmony, "evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))
+    drawn = selfharmony.batch_indices(0, 4, 2, seed=0)[0]
+    questions = load_benchmark("arith", n=4)
     for reframe in ("fused", "given", "separate"):  # view 1's prompt is the longer one (fused, given)
         flags = types.SimpleNamespace(reframe=reframe, max_prompt_tokens=10**6, thinking_block=False)
-        views = selfharmony.first_prompts(byte_tokenizer(), load_benchmark("arith", n=4), flags)
-        longest = max(len(ids) for view in views for ids in view)
-        with pytest.raises(SystemExit, match=f"prompt of {longest} tokens is over --max-prompt-tokens"):
-            selfharmony.main(TINY + ["--reframe", reframe, "--max-prompt-tokens", str(longest - 1), "--steps", "1",
-                                     "--out-dir", str(tmp_path / reframe)])
+        longest = [max(map(len, pair)) for pair in zip(*selfharmony.first_prompts(byte_tokenizer(), questions, flags))]
+        limit = max(longest[i] for i in drawn) - 1
+        run = TINY + ["--reframe", reframe, "--max-prompt-tokens", str(limit), "--out-dir", str(tmp_path / reframe)]
+        with monkeypatch.context() as m:
+            m.setattr(selfharmony, "evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))
+            with pytest.raises(SystemExit, match=f"prompt of {limit + 1} tokens is over --max-prompt-tokens {limit}"):
+                selfharmony.main(run + ["--steps", "1"])
         assert not (tmp_path / reframe).exists()
+    # a question that no step of the run draws is not checked: step 1 draws q2 and q0, step 2 q1 and q3
+    rows = [{"id": f"q{i}", "problem": "What is 2 + 2?" + " Think." * 200 * (i == 1), "answer": "4"} for i in range(4)]
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = TINY + ["--data", str(tmp_path / "long.jsonl"), "--no-eval", "--max-prompt-tokens", "1024"]
+    selfharmony.main(run + ["--steps", "1", "--out-dir", str(tmp_path / "one")])
+    with pytest.raises(SystemExit, match="question q1: prompt of 1[0-9]{3} tokens is over --max-prompt-tokens 1024"):
+        selfharmony.main(run + ["--steps", "2", "--out-dir", str(tmp_path / "two")])
 
 
 def test_a_device_torch_cannot_use_is_one_line():
