@@ -134,7 +134,8 @@ def make_parser():
     p.add_argument("--lr", type=number(float, 0, above=True), default=3e-6, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=number(float, 0), default=0.01, help="AdamW weight decay")
     p.add_argument("--warmup", type=number(float, 0, 1), default=0.1,
-                   help="share of the steps for linear warm-up, then cosine")
+                   help="share of the steps for linear warm-up, then cosine (the first step at 1/warm-up "
+                        "steps of --lr, where the release's is at 0)")
     p.add_argument("--kl-coef", type=number(float, 0), default=0.005,
                    help="beta of the k3 KL loss term (0: no reference model)")
     p.add_argument("--clip-eps", type=number(float, 0, above=True), default=0.2, help="PPO clip range")
