@@ -737,6 +737,23 @@ def make_run_dir(args, out_dir, ddp, master):
     return out_dir
 
 
+def load_questions(args, world):
+    """The run's questions (--data, its first --limit) and its number of steps; a one-line error for data
+    the run cannot use."""
+    try:
+        questions = load_benchmark(args.data, args.data_dir, n=args.arith_n, seed=args.arith_seed,
+                                   level=args.arith_level)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"data: {e}")
+    questions = questions[: args.limit] if args.limit else questions
+    if args.reframe == "given" and not all(q.get("reframed") for q in questions):
+        raise SystemExit("--reframe given needs a 'reframed' wording in every row (arith rows have one)")
+    if args.batch_size % world or args.batch_size > len(questions):
+        raise SystemExit(f"--batch-size {args.batch_size} must divide by {world} ranks and be "
+                         f"<= {len(questions)} questions")
+    return questions, args.steps or args.epochs * (len(questions) // args.batch_size)
+
+
 def main(argv=None):
     args = parse_args(argv)
     # torchrun: each rank takes its own questions; grpo.step sums gradients over ranks
@@ -756,19 +773,7 @@ def main(argv=None):
     args, out_dir, ckpt, state = open_run(args, argv, ddp)
     torch.manual_seed(args.seed)
 
-    try:
-        questions = load_benchmark(args.data, args.data_dir, n=args.arith_n, seed=args.arith_seed,
-                                   level=args.arith_level)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"data: {e}")
-    questions = questions[: args.limit] if args.limit else questions
-    if args.reframe == "given" and not all(q.get("reframed") for q in questions):
-        raise SystemExit("--reframe given needs a 'reframed' wording in every row (arith rows have one)")
-    if args.batch_size % world or args.batch_size > len(questions):
-        raise SystemExit(f"--batch-size {args.batch_size} must divide by {world} ranks and be "
-                         f"<= {len(questions)} questions")
-    steps_per_epoch = len(questions) // args.batch_size
-    total_steps = args.steps or args.epochs * steps_per_epoch
+    questions, total_steps = load_questions(args, world)
 
     # weights stay float32 (AdamW's lr-3e-6 updates vanish in bfloat16); bfloat16 is autocast compute
     autocast = torch.autocast(device.split(":")[0], dtype=compute_dtype,
