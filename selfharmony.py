@@ -278,7 +278,8 @@ def work_bar(total, desc, unit):
 def first_prompts(tokenizer, rows, args):
     """The prompts a step starts from, a row each: view 0's (the solver's), and view 1's (fused: rewrite
     and solve; given: the solver's on the row's paraphrase; separate: the request for a rewrite). The
-    start-up builds them for every question, so a prompt over --max-prompt-tokens stops the run there."""
+    start-up builds them for every question the run will draw, so that a prompt over --max-prompt-tokens
+    stops the run there, not hours in."""
     prompts0 = [solver_prompt(tokenizer, r, args) for r in rows]
     if args.reframe == "given":
         return prompts0, [solver_prompt(tokenizer, r, args, r["reframed"]) for r in rows]
