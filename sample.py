@@ -276,8 +276,8 @@ def rows_for_budget(model, budget_gb, max_len):
 
 
 def default_kv_budget_gb(device, reserve_gb=0.0):
-    """Half of the device memory free now, less reserve_gb (what the run will still allocate, e.g.
-    AdamW's state and the gradients); None on the CPU, where every row is in flight."""
+    """Half of the device memory free now once reserve_gb (what the run will still allocate, e.g. AdamW's
+    state and the gradients) is set aside; None on the CPU, where every row is in flight."""
     if torch.device(device).type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(device)

@@ -126,8 +126,9 @@ def make_parser():
                    help="sampler: fast (engine.py: slot pool, CUDA graphs; default on cuda) or eager "
                         "(the reference; default on cpu)")
     p.add_argument("--kv-cache-gb", type=number(float, 0, above=True), default=None,
-                   help="KV cache budget; sets the rows in flight (default on cuda: half of the free memory "
-                        "less the gradients and AdamW's state; on cpu: one view's rollouts at a time)")
+                   help="KV cache budget; sets the rows in flight (default on cuda: half of the memory left "
+                        "free once the gradients and AdamW's state are set aside; on cpu: one view's "
+                        "rollouts at a time)")
     p.add_argument("--temperature", type=number(float, 0, above=True), default=1.0,
                    help="sampling temperature, also divides logits when scoring")
     # optimisation
