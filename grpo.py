@@ -82,7 +82,9 @@ def token_logprobs(model, input_ids, attention_mask, completion_mask, temperatur
             parts.append(checkpoint(chunk_logp, h_i, y_i, use_reentrant=False))
         else:
             parts.append(chunk_logp(h_i, y_i))
-    logp = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)  # (N,)
+    # no token to score (a micro-batch of empty completions): an empty logp still in the graph, so that the
+    # backward runs, and under FSDP its collectives with the other ranks'
+    logp = torch.cat(parts) if parts else h[:, 0].to(torch.promote_types(h.dtype, torch.float32))  # (N,)
     out = torch.zeros(input_ids.shape, dtype=logp.dtype, device=input_ids.device)  # (B, T)
     return out.masked_scatter(completion_mask.bool(), logp)
 

@@ -315,6 +315,19 @@ def test_micro_batches_by_tokens_give_the_one_pass_gradient_in_float64():
     assert all(mb.attention_mask[:, 0].all() for mb in mbs)  # every row starts at column 0
 
 
+def test_a_micro_batch_of_empty_completions_gives_no_gradient_and_no_error():
+    # a row with no completion token, alone in its micro-batch: nothing to score, but a backward still runs
+    model, ref_model = tiny_model().double(), tiny_model(seed=5).double()
+    batch = Rollouts(*pad_batch([[5, 6, 7], [5, 6]], [[8, 9], []]), torch.tensor([1.0, -1.0], dtype=torch.float64))
+    grads = []
+    for size in (2, 1):
+        model.zero_grad(set_to_none=True)
+        accumulate_gradients(model, batch, size, ref_model, kl_coef=0.1)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
 def test_token_budget_pads_under_a_tenth_of_a_paper_shaped_step():
     # 512 rows: prompts 60-400 tokens, completions ~700 on average, a fifth cut off at 1024
     g = torch.Generator().manual_seed(0)
