@@ -151,8 +151,9 @@ def make_parser():
     p.add_argument("--micro-batch", type=number(int, 1), default=8,
                    help="rows a forward/backward pass, in order, when --micro-batch-tokens is 0")
     p.add_argument("--micro-batch-tokens", type=number(int, 0), default=None,
-                   help="rows sorted by length, as many a pass as fill this many row x column slots (0: off; "
-                        "default on cuda 16384, halved until the memory estimate fits; on cpu 0)")
+                   help="rows sorted by length, as many a pass as fill this many row x column slots, a "
+                        "longer row alone (0: off; default on cuda 16384, halved until the memory estimate "
+                        "fits, not below the longest row; on cpu 0)")
     p.add_argument("--grad-checkpointing", type=number(int, 0), nargs="?", const=1, default=0, metavar="N",
                    help="recompute activations in backward (saves memory): every layer's, or every N-th "
                         "layer's (2: half the recomputation, about half the memory saved)")
@@ -415,17 +416,20 @@ def step_summary(records, episodes, rewrites):
 
 def step_row(everything):
     """A step's log numbers from every rank's train_step output (a list in rank order): step_summary's
-    over all ranks' questions, and the update's averaged over the ranks."""
+    over all ranks' questions, and the update's over the ranks (KL, clip fraction and ratio, each rank's
+    token mean, weighted by its completion tokens: the token mean over all)."""
     cat = lambda k: [x for part in everything for x in (part[k] or [])]
     rewrites = cat("rewrites") if everything[0]["rewrites"] is not None else None  # --reframe separate
     row = step_summary(cat("records"), cat("episodes"), rewrites)
     stats = [part["stats"] for part in everything]
+    tokens = [sum(len(e.completion) for e in part["episodes"]) for part in everything]  # a rank's new tokens
     row["loss"] = sum(st["loss"] for st in stats)  # each rank's share of the global mean
-    for k in ("kl", "clip_frac", "ratio", "grad_norm", "lr", "pad_share", "t_sample", "t_reward", "t_update"):
+    for k in ("kl", "clip_frac", "ratio"):
+        row[k] = float(np.average([st[k] for st in stats], weights=tokens))
+    for k in ("grad_norm", "lr", "pad_share", "t_sample", "t_reward", "t_update"):
         row[k] = float(np.mean([st[k] for st in stats]))
     # new tokens a second while sampling, the ranks' rates added
-    row["sample_tok_s"] = sum(sum(len(e.completion) for e in part["episodes"]) / part["stats"]["t_sample"]
-                              for part in everything)
+    row["sample_tok_s"] = sum(t / st["t_sample"] for t, st in zip(tokens, stats))
     for k in ("mem_sample", "mem_update"):  # CUDA only: the fullest rank's
         if k in stats[0]:
             row[k] = max(st[k] for st in stats)
@@ -565,11 +569,13 @@ def memory_plan(parts, activations_at, sampler, args, world, device, gathered=0)
     resident (`parts`, from resident_bytes), plus the larger of the rollouts' KV cache and the update's
     activations (activations_at, from grpo.activation_estimate; the sampler frees its cache before the
     update) with, under --fsdp, the weights and gradients FSDP holds whole (gathered, from
-    grpo.gathered_bytes)."""
+    grpo.gathered_bytes). A row longer than --micro-batch-tokens is a micro-batch of its own, so the
+    widest one holds max(budget, the longest row) tokens."""
+    longest = args.max_prompt_tokens + args.max_new_tokens
     kv = (args.kv_cache_gb * 2**30 if args.kv_cache_gb else  # no budget: one view's rollouts at a time
           kv_bytes_per_token(sampler.config, next(sampler.parameters()).dtype) * args.batch_size // world
-          * args.n_rollouts * (args.max_prompt_tokens + args.max_new_tokens))
-    tokens = args.micro_batch_tokens or args.micro_batch * (args.max_prompt_tokens + args.max_new_tokens)
+          * args.n_rollouts * longest)
+    tokens = max(args.micro_batch_tokens, longest) if args.micro_batch_tokens else args.micro_batch * longest
     activations = activations_at(tokens)
     total = sum(parts.values()) + max(kv, activations + gathered)
     if device.startswith("cuda"):
@@ -591,8 +597,11 @@ def memory_plan(parts, activations_at, sampler, args, world, device, gathered=0)
     else:
         switches = [] if every == 1 else ["--grad-checkpointing" +
                                           (f" {every // 2}" if every // 2 > 1 else "")]
-    switches += ["a lower --micro-batch-tokens" if args.micro_batch_tokens else "a lower --micro-batch",
-                 "a lower --kv-cache-gb"] + (["--fsdp under torchrun"] if not args.fsdp else [])
+    if not args.micro_batch_tokens:
+        switches.append("a lower --micro-batch")
+    elif args.micro_batch_tokens > longest:  # at or below the longest row, a lower budget saves nothing
+        switches.append("a lower --micro-batch-tokens")
+    switches += ["a lower --kv-cache-gb"] + (["--fsdp under torchrun"] if not args.fsdp else [])
     return line + ". It will not fit: try " + ", ".join(switches), False
 
 
@@ -600,7 +609,7 @@ def set_budgets(args, model, sampler, ref_model, world, device, compute_dtype):
     """The defaults of the two memory budgets, set in args where not given, and memory_plan's line for
     them. --kv-cache-gb: on CUDA half the free memory, less what is not on the device yet (gradients,
     AdamW, and under --fsdp the shards). --micro-batch-tokens: 16,384 on CUDA, halved until the estimate
-    fits (0 on the CPU: micro-batches of --micro-batch rows)."""
+    fits or reaches the longest row (0 on the CPU: micro-batches of --micro-batch rows)."""
     auto_budget = args.micro_batch_tokens is None and device.startswith("cuda")
     if args.micro_batch_tokens is None:
         args.micro_batch_tokens = 16384 if device.startswith("cuda") else 0
@@ -614,7 +623,8 @@ def set_budgets(args, model, sampler, ref_model, world, device, compute_dtype):
         activations_at = grpo.activation_estimate(model)
     gathered = grpo.gathered_bytes(model) if args.fsdp else 0
     plan, fits = memory_plan(parts, activations_at, sampler, args, world, device, gathered)
-    while auto_budget and not fits and args.micro_batch_tokens > 1024:
+    longest = args.max_prompt_tokens + args.max_new_tokens  # halved below it, it saves nothing (memory_plan)
+    while auto_budget and not fits and args.micro_batch_tokens // 2 >= max(1024, longest):
         args.micro_batch_tokens //= 2
         plan, fits = memory_plan(parts, activations_at, sampler, args, world, device, gathered)
     return plan

@@ -113,6 +113,15 @@ def test_each_rollout_is_rewarded_against_its_own_question():
     assert log["hms_mv_agree"] == 0.5
     assert log["truncated0"] == 0.0 and log["truncated1"] == 1.0 and log["flat_groups"] == 1 / 4
     assert log["len0"] == 2 and log["len1"] == 3
+    # two ranks, a question each: question a's 20 completion tokens, b's 8; the update's KL, clip fraction
+    # and ratio come as each rank's token mean, and the log gives the token mean over both
+    rank_b = episodes_of(rows[1:], texts0[4:], texts1[4:], *done, lengths=(1, 1))
+    parts = [(records[:1], [e for e in episodes if e.question == "a"], 0.1), (records[1:], rank_b, 0.8)]
+    stats = lambda kl: dict(loss=kl, kl=kl, clip_frac=kl, ratio=kl, grad_norm=1.0, lr=1e-6, pad_share=0.0,
+                            t_sample=2.0, t_reward=0.0, t_update=1.0, skipped=False)
+    row = selfharmony.step_row([dict(records=r, episodes=e, rewrites=None, stats=stats(kl)) for r, e, kl in parts])
+    assert row["kl"] == row["clip_frac"] == row["ratio"] == pytest.approx((0.1 * 20 + 0.8 * 8) / 28)
+    assert row["loss"] == pytest.approx(0.9) and row["sample_tok_s"] == pytest.approx(20 / 2 + 8 / 2)
 
 
 def test_a_rewrite_that_misses_the_layout_or_runs_on_falls_back_to_the_question(monkeypatch):
@@ -614,6 +623,15 @@ def test_the_default_micro_batch_halves_until_the_estimate_fits(monkeypatch):
     args = selfharmony.parse_args(TINY + ["--micro-batch-tokens", "8192"])
     plan = selfharmony.set_budgets(args, model, model, None, 1, "cuda", torch.float32)
     assert args.micro_batch_tokens == 8192 and "It will not fit: try" in plan
+    # a row longer than the budget is a micro-batch of its own: with rows of up to 1,024 + 3,072 tokens the
+    # widest holds 4,096 whatever the budget, so halving stops there, and the plan says it will not fit
+    card.total_memory = stays + activations(2048)
+    args = selfharmony.parse_args(TINY + ["--max-new-tokens", "3072"])
+    plan = selfharmony.set_budgets(args, model, model, None, 1, "cuda", torch.float32)
+    assert args.micro_batch_tokens == 4096 and "at 4096 tokens a micro-batch" in plan
+    assert "It will not fit: try --grad-checkpointing (or 2, every other layer), a lower --kv-cache-gb" in plan
+    args = selfharmony.parse_args(TINY + ["--max-new-tokens", "3072", "--micro-batch-tokens", "1024"])
+    assert "at 4096 tokens a micro-batch" in selfharmony.set_budgets(args, model, model, None, 1, "cuda", torch.float32)
 
 
 def test_resume_keeps_the_runs_evaluation_and_saving_settings(tmp_path):
