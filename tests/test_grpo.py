@@ -471,6 +471,20 @@ def test_checkpointing_all_or_every_other_layer_keeps_the_gradient(every):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_adamw_decays_every_weight_as_the_release():
+    # the release decays all weights, norms included: on a zero gradient AdamW's step is the decay alone,
+    # each weight times 1 - lr * weight_decay (its moments stay 0, so the Adam update adds 0)
+    model = tiny_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = make_optimizer(model, lr=0.1, weight_decay=0.5)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(before)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert all(torch.allclose(p, 0.95 * b) for p, b in zip(model.parameters(), before))
+    assert any(name.endswith("norm.weight") for name, _ in model.named_parameters())  # norms are among them
+
+
 def test_adamw_state_allocated_up_front_gives_a_fresh_adamws_steps():
     # allocate_state: the moments exist, as zeros, before the first step, and the weights are untouched; two
     # steps on the same gradients then give what a fresh AdamW gives, bit for bit

@@ -99,6 +99,9 @@ def test_canonical_numeric_form():
     assert [normalize_answer(s) for s in ["025", "5.0", "-0.50", r"\frac{6}{4}", r"-\dfrac{3}{8}", "1,000"]] == \
         ["25", "5", "-1/2", "3/2", "-3/8", "1000"]
     assert normalize_answer("(1,2)") == "(1,2)" and normalize_answer("1, 2") == "1,2"  # commas of a tuple stay
+    # no number over 0, and no mixed number whose fraction is 1 or more: left as written
+    assert [normalize_answer(s) for s in ["1/0", r"\frac{1}{0}", r"2\frac{3}{3}", r"2\frac{3}{2}", r"1\frac{1}{2}"]] == \
+        ["1/0", r"\frac{1}{0}", r"2\frac{3}{3}", r"2\frac{3}{2}", "3/2"]
     # a bare list is a set of solutions: one order; inside brackets the order stays
     assert normalize_answer("2, 1/2, -1") == "-1,1/2,2" and normalize_answer("(2, 1), 0") == "(2,1),0"
     assert normalize_answer(r"\{2, 1\}") == r"\{2,1\}" and normalize_answer("[3,1)") == "[3,1)"
@@ -202,7 +205,9 @@ def test_hms_ties():
     assert hms_scores(a0, a1) == {"a": 0.25, "b": 0.25}
     assert harmonic_mean_select(a0, a1) == "b"
     assert harmonic_mean_select(["y", "x"], ["x", "y"]) == "x"  # a full tie: the smaller string
+    assert harmonic_mean_select(["21", "12"], ["12", "21"]) == "12"  # compared from the first character
     assert majority_vote(["b", "a", "b", "a"]) == "a"
+    assert majority_vote(["21", "12"]) == "12"
 
 
 def test_no_overlap_and_all_none():

@@ -29,6 +29,8 @@ def test_format_score():
     assert format_score("STRATEGY:\nREWRITTEN PROBLEM: x + 1 = 2?\nSOLUTION: \\boxed{1}") == pytest.approx(2 / 3)
     assert format_score("3 + 4 = \\boxed{7}") == 0.0
     assert format_score("") == 0.0
+    # a header written twice: its first section counts (a model that echoes "SOLUTION:" at its end keeps its score)
+    assert format_score(FULL + "\nSOLUTION:") == 1.0
 
 
 def test_rewritten_problem():
@@ -36,6 +38,7 @@ def test_rewritten_problem():
     assert rewritten_problem(MARKDOWN) == "A train has 3 cars and adds 4."
     assert rewritten_problem(PLACEHOLDERS) is None
     assert rewritten_problem("no sections at all") is None
+    assert rewritten_problem(FULL + "\nREWRITTEN PROBLEM: another") == "Ann has 3 apples and gets 4 more. How many?"
 
 
 def test_jsd():

@@ -113,6 +113,13 @@ def test_sampled_distribution_matches_softmax(temperature, top_k, top_p):
     assert np.max(np.abs(freq - p) / np.where(p > 0, sigma, 1)) < 5  # every token within 5 sigma
 
 
+def test_top_p_keeps_the_smallest_set_that_reaches_it_exactly():
+    # 4 equal tokens (probabilities exactly 1/4): top-p 0.5 is reached by 2 of them, and a third is dropped,
+    # as HF's TopPLogitsWarper drops it (the mass of the tokens above it already holds top-p)
+    tokens = sample_next(torch.zeros(2000, 4), 1.0, 0, 0.5, torch.Generator().manual_seed(0))
+    assert len(tokens.unique()) == 2
+
+
 @pytest.mark.parametrize("V,block", [(1000, 64), (1030, 64), (300, 1024)])
 def test_inverse_cdf_in_blocks_draws_the_token_of_one_running_sum(V, block):
     g = torch.Generator().manual_seed(0)

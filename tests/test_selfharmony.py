@@ -188,7 +188,9 @@ def _update_on_rows(rows, out_path, fsdp=False):
     views = [0, 0, 0, 0, 1, 1, 1, 1]  # the loop's layout: view 0's rows, then view 1's
     batch = grpo.Rollouts(*grpo.pad_rollouts([pairs[i] for i in rows], pad_id=256), advantages[rows],
                           views=torch.tensor([views[i] for i in rows]))
-    grpo.step(policy, optimizer, batch, 2, ref, kl_coef=0.05, micro_batch_tokens=20 if fsdp else None)
+    # no clipping: a clipped step has one norm whatever the gradient's scale, and the scale is what ranks add up
+    grpo.step(policy, optimizer, batch, 2, ref, kl_coef=0.05, micro_batch_tokens=20 if fsdp else None,
+              max_grad_norm=float("inf"))
     if fsdp:  # every weight back to this rank's shard, the reference's root too (it ran forward only)
         from torch.distributed.tensor import DTensor
         assert all(isinstance(p, DTensor) for m in (policy, ref) for p in m.parameters())
@@ -368,6 +370,17 @@ def test_bad_input_is_a_clear_message(tmp_path, capsys, argv, message):
     assert not (tmp_path / "run").exists()  # a start that fails leaves no folder behind
 
 
+def test_each_epoch_draws_a_fresh_shuffle_from_the_seed_and_the_step_alone():
+    # 10 questions in batches of 4: two batches an epoch, each epoch 8 different questions of a new order
+    draws = [selfharmony.batch_indices(step, 10, 4, seed=0) for step in range(6)]
+    assert [epoch for _, epoch in draws] == [0, 0, 1, 1, 2, 2]
+    epochs = [draws[i][0] + draws[i + 1][0] for i in (0, 2, 4)]
+    assert all(len(set(e)) == 8 and set(e) <= set(range(10)) for e in epochs)
+    assert len({tuple(e) for e in epochs}) == 3  # each epoch its own order
+    assert draws == [selfharmony.batch_indices(step, 10, 4, seed=0) for step in range(6)]  # no state kept
+    assert [selfharmony.batch_indices(step, 10, 4, seed=1) for step in range(6)] != draws
+
+
 def test_a_prompt_over_the_limit_stops_the_start_up_before_the_first_evaluation(tmp_path, monkeypatch):
     drawn = selfharmony.batch_indices(0, 4, 2, seed=0)[0]
     questions = load_benchmark("arith", n=4)
@@ -436,6 +449,37 @@ def test_a_bad_model_is_one_line_in_both_tools(tmp_path, model, says):
             main(argv + ["--model", model])
 
 
+def test_the_update_gets_each_rollouts_view_and_the_sampling_copy_follows_the_policy(tmp_path, monkeypatch):
+    # the update's rows carry their views (each view's token-mean in the loss needs them: all 0 would be one
+    # token-mean over both); a sampling copy apart from the policy (as on a GPU, here float32 too) holds the
+    # policy's weights after every update
+    views, copies, started = [], [], {}
+    real_step, real_copy, real_load = grpo.step, selfharmony.sampling_copy, selfharmony.load_model
+
+    def step(policy, optimizer, batch, *args, **kwargs):
+        views.append(batch.views.tolist())
+        return real_step(policy, optimizer, batch, *args, **kwargs)
+    monkeypatch.setattr(grpo, "step", step)
+
+    def sampling_copy(model, dtype, separate=False):
+        copies.append(real_copy(model, dtype, separate=True))
+        return copies[-1]
+    monkeypatch.setattr(selfharmony, "sampling_copy", sampling_copy)
+
+    def load_model(*args, **kwargs):
+        model, tokenizer = real_load(*args, **kwargs)
+        started.update({k: p.clone() for k, p in model.state_dict().items()})
+        return model, tokenizer
+    monkeypatch.setattr(selfharmony, "load_model", load_model)
+    selfharmony.main(TINY + ["--steps", "2", "--no-eval", "--out-dir", str(tmp_path / "run")])
+    Q, G = 2, 4  # TINY's --batch-size and --n-rollouts
+    assert views == [[0] * Q * G + [1] * Q * G] * 2
+    (sampler,) = copies
+    now, trained = sampler.state_dict(), final_weights(tmp_path / "run")
+    assert now.keys() >= trained.keys() and all(torch.equal(now[k], trained[k]) for k in trained)
+    assert any(not torch.equal(now[k], started[k]) for k in trained)  # the updates moved the weights
+
+
 def test_a_cut_off_rollout_names_no_bare_number():
     # arith reads the last number of a finished completion; a cut-off one ("To add 4 and 1, we")
     # would otherwise vote for the question's own operand in both views
@@ -451,6 +495,20 @@ def test_a_cut_off_rollout_names_no_bare_number():
     # the same texts read as finished: the operand 1 ties 5 and wins the tie on the smaller string
     records = selfharmony.label_and_reward([row], episodes_of([row], texts, texts, [True] * 4, [True] * 4), args)
     assert records[0]["labels"]["mv"] == ("1", "1")
+
+
+def test_each_view_is_rewarded_against_its_own_label():
+    # cross (Co-Reward) labels each view with the other's vote, mv each with its own: with view 1 solving a
+    # given paraphrase (not fused), its rollouts meet view 1's label, view 0's meet view 0's
+    row = {"id": "a", "problem": "What is 4 + 1?", "answer": "5"}
+    texts0, texts1 = [f"\\boxed{{{x}}}" for x in (5, 5, 5, 6)], [f"\\boxed{{{x}}}" for x in (6, 6, 6, 5)]
+    for selector, want in (("cross", [0, 0, 0, 1, 0, 0, 0, 1]), ("mv", [1, 1, 1, 0, 1, 1, 1, 0])):
+        args = selfharmony.parse_args(["--reframe", "given", "--selector", selector])
+        args.n_rollouts = 4
+        episodes = episodes_of([row], texts0, texts1, [True] * 4, [True] * 4)
+        records = selfharmony.label_and_reward([row], episodes, args)
+        assert records[0]["labels"][selector] == {"cross": ("6", "5"), "mv": ("5", "6")}[selector]
+        assert [e.reward for e in episodes] == want
 
 
 @pytest.mark.parametrize("flag, value, says", [
