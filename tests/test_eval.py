@@ -147,6 +147,10 @@ def test_arith_is_deterministic_for_a_seed():
     assert ev.load_benchmark("arith")[0]["problem"].startswith("What is ")
     with pytest.raises(ValueError, match="level"):
         ev.load_benchmark("arith", level=4)
+    # one-digit sums: 9 x 9 distinct questions, all of them at n = 81, and no more (one more would never end)
+    assert len({r["problem"] for r in ev.load_benchmark("arith", n=81)}) == 81
+    with pytest.raises(ValueError, match="only 81 distinct"):
+        ev.load_benchmark("arith", n=82)
 
 
 # -----------------------------------------------------------------------------

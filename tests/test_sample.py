@@ -257,7 +257,7 @@ def test_random_models_have_the_published_sizes(name, total, non_embedding):
         load_model("random:qwen3-3b")
 
 
-def test_kv_budget_by_hand():
+def test_kv_budget_by_hand(monkeypatch):
     model = cast_weights(random_model("qwen3-1.7b", device="meta"), torch.bfloat16)
     # K and V, 28 layers, 8 KV heads of 128, 2 bytes: 2 * 28 * 8 * 128 * 2 = 114,688 bytes a token
     assert kv_bytes_per_token(model.config, torch.bfloat16) == 114_688
@@ -266,3 +266,6 @@ def test_kv_budget_by_hand():
     assert rows_for_budget(model, 10, 1000) == 92 and rows_for_budget(model, 1e-6, 1000) == 1
     assert rows_for_budget(model, 10, 1008) == 92 and rows_for_budget(model, 10, 992) == 94  # 10 * 2**30 / 113,770,496
     assert default_kv_budget_gb("cpu") is None
+    # on CUDA half of what is free once what is still to come is set aside: (100 - 20) / 2 = 40 GiB; at least 1
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (100 * 2**30, 141 * 2**30))
+    assert default_kv_budget_gb("cuda", reserve_gb=20) == 40 and default_kv_budget_gb("cuda:0", reserve_gb=99.5) == 1

@@ -663,6 +663,10 @@ def test_memory_plan_adds_what_stays_and_names_the_switches_when_it_will_not_fit
         args.grad_checkpointing = every  # checkpointing every N-th layer: checkpoint more of them
         line, _ = selfharmony.memory_plan(parts, grpo.activation_estimate(model), model, args, 2, "cpu", 2**40)
         assert switch in line
+    # the units FSDP gathers come on top of the update's activations, so they alone can make it not fit
+    args.kv_cache_gb = 0.5
+    assert selfharmony.memory_plan(parts, grpo.activation_estimate(model), model, args, 2, "cpu", 2**20)[1]
+    assert not selfharmony.memory_plan(parts, grpo.activation_estimate(model), model, args, 2, "cpu", 2**50)[1]
 
 
 def test_the_default_micro_batch_halves_until_the_estimate_fits(monkeypatch):
@@ -690,6 +694,20 @@ def test_the_default_micro_batch_halves_until_the_estimate_fits(monkeypatch):
     assert "It will not fit: try --grad-checkpointing (or 2, every other layer), a lower --kv-cache-gb" in plan
     args = selfharmony.parse_args(TINY + ["--max-new-tokens", "3072", "--micro-batch-tokens", "1024"])
     assert "at 4096 tokens a micro-batch" in selfharmony.set_budgets(args, model, model, None, 1, "cuda", torch.float32)
+
+
+def test_the_default_kv_budget_sets_aside_what_the_first_update_will_allocate(monkeypatch):
+    # the gradients (P) and AdamW's moments (2P) come in the first update, after the first KV cache; under
+    # --fsdp (2 ranks) this rank's shards of those, and of the weights and the reference, which are sharded
+    # after the budget is set
+    model, reserved = tiny_model(), []
+    P = sum(p.nbytes for p in model.parameters())
+    monkeypatch.setattr(selfharmony, "default_kv_budget_gb", lambda device, reserve_gb: reserved.append(reserve_gb) or 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=2**40))
+    selfharmony.set_budgets(selfharmony.parse_args(TINY), model, model, None, 1, "cuda", torch.float32)
+    args = selfharmony.parse_args(TINY + ["--fsdp"])
+    selfharmony.set_budgets(args, model, model, grpo.make_reference(model, 0.1), 2, "cuda", torch.float32)
+    assert reserved == [pytest.approx(3 * P / 2**30), pytest.approx((P + 2 * P + P + P) / 2 / 2**30)]
 
 
 def test_resume_keeps_the_runs_evaluation_and_saving_settings(tmp_path):
