@@ -453,8 +453,14 @@ def test_the_update_gets_each_rollouts_view_and_the_sampling_copy_follows_the_po
     # the update's rows carry their views (each view's token-mean in the loss needs them: all 0 would be one
     # token-mean over both); a sampling copy apart from the policy (as on a GPU, here float32 too) holds the
     # policy's weights after every update
-    views, copies, started = [], [], {}
+    views, copies, started, seeds = [], [], {}, []
     real_step, real_copy, real_load = grpo.step, selfharmony.sampling_copy, selfharmony.load_model
+    real_generate = selfharmony.generate
+
+    def generate(*args, generator=None, **kwargs):
+        seeds.append(generator.initial_seed())
+        return real_generate(*args, generator=generator, **kwargs)
+    monkeypatch.setattr(selfharmony, "generate", generate)
 
     def step(policy, optimizer, batch, *args, **kwargs):
         views.append(batch.views.tolist())
@@ -474,6 +480,7 @@ def test_the_update_gets_each_rollouts_view_and_the_sampling_copy_follows_the_po
     selfharmony.main(TINY + ["--steps", "2", "--no-eval", "--out-dir", str(tmp_path / "run")])
     Q, G = 2, 4  # TINY's --batch-size and --n-rollouts
     assert views == [[0] * Q * G + [1] * Q * G] * 2
+    assert len(seeds) == 2 and seeds[0] != seeds[1]  # each step its own generator (both views in one call)
     (sampler,) = copies
     now, trained = sampler.state_dict(), final_weights(tmp_path / "run")
     assert now.keys() >= trained.keys() and all(torch.equal(now[k], trained[k]) for k in trained)
@@ -509,6 +516,21 @@ def test_each_view_is_rewarded_against_its_own_label():
         records = selfharmony.label_and_reward([row], episodes, args)
         assert records[0]["labels"][selector] == {"cross": ("6", "5"), "mv": ("5", "6")}[selector]
         assert [e.reward for e in episodes] == want
+
+
+def test_samples_jsonl_holds_the_first_rollouts_of_each_view_of_one_question_with_the_label_that_trained():
+    rows = [{"id": "a", "problem": "1 + 2?", "answer": "3"}, {"id": "b", "problem": "3 + 4?", "answer": "7"}]
+    texts0 = [f"\\boxed{{{x}}}" for x in (3, 3, 5, 3, 7, 7, 7, 8)]
+    texts1 = [f"\\boxed{{{x}}}" for x in (4, 4, 4, 3, 7, 8, 8, 8)]
+    args = selfharmony.parse_args(["--reframe", "given", "--selector", "mv", "--log-texts", "3"])
+    args.n_rollouts = 4
+    episodes = episodes_of(rows, texts0, texts1, [True] * 8, [True] * 8)
+    out = {"records": selfharmony.label_and_reward(rows, episodes, args), "episodes": episodes}
+    lines = [json.loads(line) for line in selfharmony.sample_lines(out, rows[0], 5, args)]
+    # question a's first 3 of each view, each with its reward and mv's labels (view 0's vote 3, view 1's 4)
+    assert [(x["view"], x["text"], x["reward"]) for x in lines] == [
+        ("solve", t, r) for t, r in zip(texts0[:3], (1, 1, 0))] + [("given", t, 1) for t in texts1[:3]]
+    assert all(x["step"] == 5 and x["id"] == "a" and x["label"] == ["3", "4"] for x in lines)
 
 
 @pytest.mark.parametrize("flag, value, says", [
@@ -550,10 +572,29 @@ def test_nan_updates_are_skipped_then_the_run_stops_without_saving(tmp_path):
     strict = lambda line: json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in the log"))
     rows = [strict(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["skipped"] for r in rows] == [False, True, True, True] and rows[-1]["loss"] is None
+    # the log writes NaN and inf alike as null, at any depth (json.dumps with allow_nan=False would raise)
+    assert selfharmony.strict_json({"a": float("inf"), "b": [float("nan"), 1.5], "c": {"d": -float("inf")}}) == \
+        '{"a": null, "b": [null, 1.5], "c": {"d": null}}'
     # the checkpoints of the skipped steps hold the weights of step 1, all finite
     state = torch.load(tmp_path / "ckpt" / "trainer.pt", weights_only=False)
     model = type(tiny_model()).from_pretrained(tmp_path / "ckpt")
     assert state["step"] == 3 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_only_skipped_updates_in_a_row_stop_the_run(tmp_path, monkeypatch):
+    # skipped, done, skipped, skipped, done: never 3 in a row, so the run goes on to its end
+    pattern, real_step = iter([True, False, True, True, False]), grpo.step
+
+    def step(*args, **kwargs):
+        return {**real_step(*args, **kwargs), "skipped": next(pattern)}
+    monkeypatch.setattr(grpo, "step", step)
+    selfharmony.main(TINY + ["--steps", "5", "--no-eval", "--out-dir", str(tmp_path)])
+    assert [r["skipped"] for r in read_log(tmp_path)] == [True, False, True, True, False]
+
+
+def test_eval_every_evaluates_after_each_multiple_of_it_and_at_the_start_and_end(tmp_path):
+    selfharmony.main(TINY + ["--steps", "5", "--eval-every", "2", "--out-dir", str(tmp_path)])
+    assert [r["step"] for r in read_log(tmp_path) if "eval" in r] == [0, 2, 4, 5]
 
 
 def test_kill_9_at_any_moment_then_resume_gives_the_uninterrupted_run(tmp_path):
