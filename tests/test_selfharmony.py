@@ -451,8 +451,8 @@ def test_a_bad_model_is_one_line_in_both_tools(tmp_path, model, says):
 
 def test_the_update_gets_each_rollouts_view_and_the_sampling_copy_follows_the_policy(tmp_path, monkeypatch):
     # the update's rows carry their views (each view's token-mean in the loss needs them: all 0 would be one
-    # token-mean over both); a sampling copy apart from the policy (as on a GPU, here float32 too) holds the
-    # policy's weights after every update
+    # token-mean over both); each step samples with a generator of its own; a sampling copy apart from the
+    # policy (as on a GPU, here float32 too) holds the policy's weights after every update
     views, copies, started, seeds = [], [], {}, []
     real_step, real_copy, real_load = grpo.step, selfharmony.sampling_copy, selfharmony.load_model
     real_generate = selfharmony.generate
