@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
@@ -244,6 +245,35 @@ def test_summary_by_group():
     assert "by_category" not in s
 
 
+def test_groups_are_sorted_and_a_key_only_some_rows_carry_makes_no_group():
+    rows = [{"id": "g", "problem": "p", "answer": "1", "subject": "Geometry", "level": 2},
+            {"id": "a", "problem": "p", "answer": "1", "subject": "Algebra"}]  # no level
+    s = ev.summarize(rows, [[True], [False]], [["1"], ["2"]])
+    assert list(s["by_subject"]) == ["Algebra", "Geometry"] and "by_level" not in s
+
+
+def test_summarize_records_counts_only_questions_whose_n_samples_are_all_there():
+    rows = [{"id": i, "problem": "p", "answer": "5"} for i in "abc"]
+    rec = lambda i, kind, correct: dict(id=i, kind=kind, answer="5" if correct else "4", correct=correct)
+    records = [rec("a", "sampled", True), rec("a", "sampled", False), rec("a", "greedy", True),
+               rec("b", "sampled", True)]  # b: one of its two samples, as after an interrupt
+    s = ev.summarize_records(rows, records, n=2)
+    assert s["questions"] == 1 and s["mean@2"] == 0.5 and s["greedy"] == 1.0
+    # c done too but without its greedy completion: no greedy column rather than one over a part
+    s = ev.summarize_records(rows, records + [rec("c", "sampled", True)] * 2, n=2)
+    assert s["questions"] == 2 and s["mean@2"] == 0.75 and "greedy" not in s
+    assert ev.summarize_records(rows, records[3:], n=2) is None
+
+
+def test_print_table_prints_the_overall_line_then_one_a_group(capsys):
+    ev.print_table({"questions": 3, "mean@2": 0.5, "greedy": 1 / 3,
+                    "by_level": {"1": {"questions": 2, "mean@2": 0.25, "greedy": 0.5}}})
+    assert capsys.readouterr().out.splitlines() == [
+        "group                               questions     mean@2     greedy",
+        "all                                         3     0.5000     0.3333",
+        "level=1                                     2     0.2500     0.5000"]
+
+
 # -----------------------------------------------------------------------------
 # End to end on the tiny random model, offline
 
@@ -274,6 +304,55 @@ def test_evaluate_reproduces_with_a_seed_and_restores_train_mode():
     assert [r["id"] for r in runs[0][1]] == [rows[0]["id"]] * 2 + [rows[1]["id"]] * 2 + [rows[2]["id"]] * 2
 
 
+def test_evaluate_hands_its_settings_to_the_sampler_and_grades_what_comes_back(monkeypatch):
+    model, tokenizer = sample.load_model("tiny")
+    rows = ev.load_benchmark("arith", n=3)
+    gold = {tuple(ev.prompt_ids(tokenizer, *ev.solver_messages(r))): int(r["answer"]) for r in rows}
+    eos, calls = tokenizer.eos_token_id, []
+
+    def fake(model, prompts, max_new_tokens, *, n, generator, progress, **kw):  # sample j: gold, gold + 1, gold cut off
+        assert isinstance(generator, torch.Generator)
+        calls.append(dict(kw, n=n, prompts=len(prompts), max_new_tokens=max_new_tokens, training=model.training))
+        texts = [(f"{gold[tuple(p)] + (j == 1)}", j < 2) for p in prompts for j in range(n)]
+        return [tokenizer.encode(text, add_special_tokens=False) + [eos] * stop for text, stop in texts]
+
+    monkeypatch.setattr(sample, "generate", fake)
+    model.train()
+    summary, records = ev.evaluate(model, tokenizer, rows, n=3, temperature=0.7, top_p=0.9, max_new_tokens=9,
+                                   batch_size=2, greedy=True, engine="fast", max_rows=5)
+    common = dict(top_p=0.9, stop_ids=[eos], engine="fast", max_rows=5, max_new_tokens=9, training=False)
+    assert calls == [dict(common, n=3, temperature=0.7, prompts=2), dict(common, n=3, temperature=0.7, prompts=1),
+                     dict(common, n=1, temperature=0.0, prompts=2), dict(common, n=1, temperature=0.0, prompts=1)]
+    assert model.training  # put back after
+    sampled = [r for r in records if r["kind"] == "sampled"]
+    assert [r["index"] for r in sampled] == [0, 1, 2] * 3 and [r["id"] for r in sampled[::3]] == [r["id"] for r in rows]
+    g = int(rows[0]["answer"])
+    assert [(r["text"], r["finished"], r["answer"], r["correct"]) for r in sampled[:3]] == [
+        (str(g), True, str(g), True), (str(g + 1), True, str(g + 1), False), (str(g), False, None, False)]
+    assert summary["mean@3"] == pytest.approx(1 / 3) and summary["pass@3"] == 1.0 and summary["greedy"] == 1.0
+
+
+def test_the_cli_hands_each_option_to_evaluate(tmp_path, monkeypatch):
+    seen = []
+
+    def spy(model, tokenizer, rows, **kw):
+        seen.append(dict(kw, questions=len(rows), device=model.device.type))
+        return {"questions": len(rows), "mean@2": 0.5}, []
+
+    monkeypatch.setattr(ev, "evaluate", spy)
+    argv = ["--model", "tiny", "--data", "arith", "--arith-n", "4", "--limit", "3", "--device", "cpu",
+            "--out-dir", str(tmp_path)]
+    ev.main(argv + ["--n", "2", "--temperature", "0.5", "--top-p", "0.9", "--max-new-tokens", "7", "--batch-size",
+                    "3", "--seed", "4", "--greedy", "--engine", "fast", "--max-rows", "6", "--thinking-block"])
+    ev.main(argv)
+    for kw in seen:
+        assert callable(kw.pop("on_records"))
+    assert seen[0] == dict(n=2, temperature=0.5, top_p=0.9, max_new_tokens=7, batch_size=3, seed=4, greedy=True,
+                           engine="fast", max_rows=6, thinking_block=True, questions=3, device="cpu")
+    assert seen[1] == dict(n=16, temperature=0.8, top_p=0.95, max_new_tokens=3072, batch_size=8, seed=0, greedy=False,
+                           engine="eager", max_rows=None, thinking_block=False, questions=3, device="cpu")
+
+
 def test_cli_on_arith(tmp_path):
     ev.main(["--model", "tiny", "--data", "arith", "--arith-n", "2", "--n", "2", "--max-new-tokens", "3",
              "--device", "cpu", "--out-dir", str(tmp_path)])
@@ -301,8 +380,8 @@ def test_arith_asks_for_the_bare_number_and_reads_the_last_one():
 def test_ctrl_c_keeps_the_questions_done_and_says_so_in_one_line(tmp_path, monkeypatch):
     real, calls = sample.generate, []
 
-    def interrupted_on_the_third_call(*args, **kwargs):
-        calls.append(1)
+    def interrupted_on_the_third_call(*args, **kwargs):  # calls: the lines on disk when each call starts
+        calls.append(len((tmp_path / "arith-tiny.samples.jsonl").read_text().splitlines()))
         if len(calls) == 3:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
@@ -315,6 +394,7 @@ def test_ctrl_c_keeps_the_questions_done_and_says_so_in_one_line(tmp_path, monke
     results = json.loads((tmp_path / "arith-tiny.json").read_text())
     samples = [json.loads(line) for line in (tmp_path / "arith-tiny.samples.jsonl").read_text().splitlines()]
     assert results["interrupted"] and results["questions"] == 2 and len(samples) == 2 * 2
+    assert calls == [0, 2, 4]  # each batch's completions written (and flushed) once it is graded
     # the two questions done are what a whole run of those two gives
     monkeypatch.setattr(sample, "generate", real)
     whole = ev.main(argv[:5] + ["2"] + argv[6:] + ["--out-dir", str(tmp_path / "whole")])
