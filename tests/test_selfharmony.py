@@ -200,7 +200,7 @@ def _update_on_rows(rows, out_path, fsdp=False):
     return weights
 
 
-def test_resume_refuses_changed_run_flags_and_takes_the_rest_from_the_run(tmp_path):
+def test_resume_refuses_changed_run_flags_and_takes_the_rest_from_the_run(tmp_path, capsys):
     run = ["--no-eval", "--out-dir", str(tmp_path)]
     selfharmony.main(TINY + ["--steps", "3", "--stop-after", "1"] + run)
     for flag, value in (("--n-rollouts", "8"), ("--model", "tiny-llama"), ("--steps", "5")):
@@ -209,6 +209,9 @@ def test_resume_refuses_changed_run_flags_and_takes_the_rest_from_the_run(tmp_pa
     # no run flag given: model (also the KL reference), data and steps come from the checkpoint
     selfharmony.main(["--resume"] + run)
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
+    capsys.readouterr()
+    selfharmony.main(["--resume"] + run)  # once more: the run is finished (and, --no-eval, owes no evaluation)
+    assert capsys.readouterr().out.endswith("holds a finished run (3 steps): nothing to do\n")
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_with_the_signals_status(tmp_path, monkeypatch):
@@ -240,6 +243,37 @@ def test_a_checkpoint_is_on_disk_before_it_is_renamed_into_place(tmp_path, monke
     files = {p.name for p in (tmp_path / "ckpt").iterdir()}
     assert {"trainer.pt", "config.json", "model.safetensors"} <= files
     assert {str(tmp_path / "ckpt.tmp" / f) for f in files} | {str(tmp_path)} <= set(synced)
+
+
+def test_a_run_killed_between_the_checkpoints_two_renames_resumes_from_the_one_before(tmp_path, monkeypatch):
+    # a save moves ckpt to ckpt.old, then ckpt.tmp to ckpt: killed in between, ckpt.old is the run's checkpoint
+    argv = TINY + ["--steps", "3", "--no-eval", "--save-every", "1", "--out-dir", str(tmp_path)]
+    real_replace, real_step, steps = os.replace, selfharmony.train_step, []
+
+    def killed_before_the_second_rename(src, dst):
+        if Path(src).name == "ckpt.tmp" and (tmp_path / "ckpt.old").exists():
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_before_the_second_rename)
+    with pytest.raises(SystemExit):
+        selfharmony.main(argv)
+    assert not (tmp_path / "ckpt").exists()
+    assert torch.load(tmp_path / "ckpt.old" / "trainer.pt", weights_only=False)["step"] == 1
+    shutil.copytree(tmp_path / "ckpt.old", tmp_path / "only" / "ckpt.old")  # a new run never writes over it
+    with pytest.raises(SystemExit, match="holds a run already"):
+        selfharmony.main(TINY + ["--steps", "1", "--no-eval", "--out-dir", str(tmp_path / "only")])
+    monkeypatch.setattr(os, "replace", real_replace)
+    monkeypatch.setattr(selfharmony, "train_step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
+    selfharmony.main(argv + ["--resume"])
+    assert len(steps) == 2 and [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]  # steps 2 and 3 again
+    assert not (tmp_path / "ckpt.old").exists()
+    # step 2's lines from before the kill are dropped from both logs: they hold what the uninterrupted run holds
+    monkeypatch.setattr(selfharmony, "train_step", real_step)
+    selfharmony.main(argv[:-1] + [str(tmp_path / "straight")])
+    drop = lambda r: {k: v for k, v in r.items() if not k.startswith("t_") and k != "sample_tok_s"}  # timings
+    assert [drop(r) for r in read_log(tmp_path)] == [drop(r) for r in read_log(tmp_path / "straight")]
+    assert (tmp_path / "samples.jsonl").read_text() == (tmp_path / "straight" / "samples.jsonl").read_text()
 
 
 def test_compiled_layers_under_fsdp_still_checkpoint_and_give_the_eager_gradient(tmp_path):
@@ -597,6 +631,34 @@ def test_eval_every_evaluates_after_each_multiple_of_it_and_at_the_start_and_end
     assert [r["step"] for r in read_log(tmp_path) if "eval" in r] == [0, 2, 4, 5]
 
 
+def test_adamws_moments_are_in_memory_before_the_first_rollouts(tmp_path, monkeypatch):
+    real, held = selfharmony.train_step, []
+
+    def spy(model, policy, sampler, tokenizer, optimizer, *args, **kwargs):
+        held.append(sorted(map(id, optimizer.state)) == sorted(map(id, model.parameters())))
+        return real(model, policy, sampler, tokenizer, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(selfharmony, "train_step", spy)
+    selfharmony.main(TINY + ["--steps", "1", "--no-eval", "--out-dir", str(tmp_path)])
+    assert held == [True]
+
+
+def test_save_minutes_saves_once_that_long_has_passed_since_the_last_save(tmp_path, monkeypatch):
+    # a step takes 40 s on this clock: with --save-minutes 1, saves after steps 2, 4 and 5 (the end)
+    clock, saves = [0.0], []
+    real_step, real_save = selfharmony.train_step, selfharmony.save_checkpoint
+
+    def step_of_40_seconds(*args, **kwargs):
+        clock[0] += 40
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(selfharmony, "time", types.SimpleNamespace(**{**vars(time), "monotonic": lambda: clock[0]}))
+    monkeypatch.setattr(selfharmony, "train_step", step_of_40_seconds)
+    monkeypatch.setattr(selfharmony, "save_checkpoint", lambda *a: saves.append(a[5]) or real_save(*a))
+    selfharmony.main(TINY + ["--steps", "5", "--no-eval", "--save-minutes", "1", "--out-dir", str(tmp_path)])
+    assert saves == [2, 4, 5]
+
+
 def test_kill_9_at_any_moment_then_resume_gives_the_uninterrupted_run(tmp_path):
     argv = TINY + ["--steps", "6", "--no-eval", "--save-every", "2"]
     selfharmony.main(argv + ["--out-dir", str(tmp_path / "straight")])
@@ -771,6 +833,8 @@ def test_a_resume_before_the_first_checkpoint_starts_over_with_the_runs_flags(tm
     shutil.rmtree(tmp_path / "ckpt")  # as if killed before its first checkpoint: a log, no checkpoint
     selfharmony.main(["--resume"] + run)  # the default model would be Qwen3-1.7B: the run's is tiny
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2]
+    texts = [json.loads(line)["step"] for line in open(tmp_path / "samples.jsonl")]  # step 1's once: started over
+    assert texts == sorted(texts) and texts.count(1) == texts.count(2) > 0
     saved = torch.load(tmp_path / "ckpt" / "trainer.pt", weights_only=False)["args"]
     assert saved["model"] == "tiny" and saved["selector"] == "mv" and saved["no_eval"]
     with pytest.raises(SystemExit, match=r"--selector hms \(the run's: mv\)"):
