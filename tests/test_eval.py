@@ -1,6 +1,7 @@
 """eval.py: benchmark loading, the arith generator, prompts, grading, metrics, and the CLI end to end."""
 
 import argparse
+import io
 import json
 import operator
 import re
@@ -108,6 +109,36 @@ def test_offline_without_a_folder_says_how_to_give_one(tmp_path, monkeypatch):
         ev.load_benchmark("gsm8k")
     with pytest.raises(FileNotFoundError, match="--data-dir.*SELFHARMONY_DATA"):
         ev.load_benchmark("gpqa")  # no JSON source at all
+
+
+def test_download_converts_each_public_source_once_into_the_cache(tmp_path, monkeypatch):
+    upstream = {  # a row of each source in its own layout, as its URL serves it
+        "math500": {"unique_id": "test/algebra/1.json", "problem": "P?", "answer": "\\frac{1}{2}", "subject": "Algebra",
+                    "level": "3"},
+        "gsm8k": {"question": "Q?", "answer": "So 1,200 + 34 = 1,234.\n#### 1,234"},
+        "aime24": {"problem": "A?", "answer": "033"},
+        "mmlu_pro": {"question": "Which?\n" + "\n".join(f"{c}. opt {c}" for c in "ABCDEFGHIJ"), "answer": "C"},
+    }
+    fetched = []
+
+    def urlopen(url, timeout):
+        name = next(name for name, (source, _) in ev.SOURCES.items() if source == url)
+        fetched.append(name)
+        return io.BytesIO((json.dumps(upstream[name]) + "\n").encode())
+
+    monkeypatch.delenv("SELFHARMONY_DATA", raising=False)
+    monkeypatch.setattr(ev, "CACHE", tmp_path)
+    monkeypatch.setattr(ev.urllib.request, "urlopen", urlopen)
+    rows = {name: ev.load_benchmark(name) for name in upstream}
+    assert rows == {
+        "math500": [dict(id="test/algebra/1.json", problem="P?", answer="\\frac{1}{2}", source="math500",
+                         subject="Algebra", level=3)],
+        "gsm8k": [dict(id="gsm8k-test-0000", problem="Q?", answer="1234", source="gsm8k")],
+        "aime24": [dict(id="aime24-00", problem="A?", answer="33", source="aime24")],
+        "mmlu_pro": [dict(id="mmlu-pro-val-0", problem="Which?", choices=[f"opt {c}" for c in "ABCDEFGHIJ"],
+                          answer="C", source="mmlu_pro")]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(ev.FILES[name] for name in upstream)  # no .tmp
+    assert {name: ev.load_benchmark(name) for name in upstream} == rows and len(fetched) == 4  # fetched once
 
 
 def test_download_conversion_of_the_mmlu_pro_harness_layout():
