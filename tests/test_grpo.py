@@ -366,6 +366,8 @@ def test_lr_schedule():
     assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[10] == 1.0
     assert f[55] == pytest.approx(0.5) and f[99] < 0.01
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert lr_schedule(0, 17) == 0.5  # a warm-up of round(1.7) = 2 steps
+    assert lr_schedule(100, 100) == lr_schedule(130, 100) == 0.0  # 0 from the end on, not a second cosine
 
 
 def test_learning_signal_raises_rewarded_first_token():
@@ -427,6 +429,14 @@ def test_activation_estimate_grows_with_tokens_and_shrinks_with_checkpointing():
     half = activation_estimate(model)(4096) - logits(4096)
     assert [layer.gradient_checkpointing for layer in layers] == [True, False] * 3
     assert kept < half < full[4096] and abs(half - (kept + full[4096]) / 2) < 0.15 * full[4096]
+    # a rebuilt layer is counted when the last layer is checkpointed (backward reaches it first), not the first
+    for layer, flag in zip(layers, [False, True] * 3):
+        layer.gradient_checkpointing = flag
+    odd = activation_estimate(model)(4096) - logits(4096)
+    assert full[4096] / 12 < odd - half < full[4096] / 3  # about one layer's activations
+    # three float32 logits chunks of min(chunk, tokens) x V: a micro-batch shorter than the chunk fills less
+    estimate, small = activation_estimate(model), activation_estimate(model, chunk=8)
+    assert estimate(8) == small(8) and estimate(100) - small(100) == 3 * (100 - 8) * V * 4
 
 
 def test_compiled_layers_give_the_eager_gradient_under_checkpointing():
