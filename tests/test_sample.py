@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sample import (cast_weights, default_kv_budget_gb, finished, generate, kv_bytes_per_token, load_model,
-                    inverse_cdf, random_model, rows_for_budget, sample_next, stop_ids, tiny_model)
+                    inverse_cdf, random_model, rows_for_budget, sample_next, sampling_copy, stop_ids, tiny_model)
 
 PROMPTS = ["What is 2 + 3?", "hi", "Tom has 4 apples and buys 7 more. How many now?", "x"]
 
@@ -185,8 +185,19 @@ def test_finished_is_the_one_stop_rule():
 def test_load_model_tiny_and_stop_ids():
     model, tokenizer = load_model("tiny-llama")
     assert tokenizer.eos_token == "<|im_end|>" and stop_ids(model, tokenizer) == [258]
-    model.generation_config.eos_token_id = [256, 258]
-    assert stop_ids(model, tokenizer) == [256, 258]
+    model.generation_config.eos_token_id = [264, 256]
+    assert stop_ids(model, tokenizer) == [256, 258, 264]  # sorted (a set of these three iterates 264, 256, 258)
+    assert type(load_model("tiny-qwen3")[0]).__name__ == "Qwen3ForCausalLM"
+
+
+def test_the_sampling_copy_is_a_frozen_copy_unless_the_policy_itself_will_do():
+    model = tiny_model()
+    assert sampling_copy(model, torch.float32) is model  # CPU float32: one copy
+    for dtype, separate in ((torch.bfloat16, False), (torch.float32, True)):  # a GPU's; FSDP's whole copy
+        copy = sampling_copy(model, dtype, separate)
+        assert copy is not model and not copy.training and not any(p.requires_grad for p in copy.parameters())
+        assert all(torch.equal(a, b.to(dtype)) and a.dtype == dtype
+                   for a, b in zip(copy.parameters(), model.parameters()))
 
 
 def test_load_model_errors(tmp_path):
@@ -196,9 +207,48 @@ def test_load_model_errors(tmp_path):
         load_model(str(tmp_path / "no-such-folder"))
     with pytest.raises(SystemExit, match="holds no model"):
         load_model(str(tmp_path))
+    with pytest.raises(SystemExit, match="no such model folder: a/b/c"):  # not a hub id (one slash at most)
+        load_model("a/b/c")
+
+
+def test_a_hub_id_in_the_cache_or_that_the_hub_answers_for_goes_on_to_from_pretrained(monkeypatch, tmp_path):
+    from urllib.error import HTTPError
+
+    from huggingface_hub import constants
+
+    from sample import check_source
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # read when the hub client was imported
+    snapshot = tmp_path / "models--someone--cached" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "models--someone--cached" / "refs").mkdir()
+    (tmp_path / "models--someone--cached" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert check_source("someone/cached") is None  # downloaded before: no network needed
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def answered(request, timeout):  # e.g. a private model without a token: from_pretrained says more
+        raise HTTPError(request.full_url, 401, "Unauthorized", {}, None)
+
+    monkeypatch.setattr("urllib.request.urlopen", answered)
+    assert check_source("someone/private") is None
+
+
+def test_a_gguf_is_converted_once_into_a_whole_folder(monkeypatch, tmp_path):
+    import sample
+    loads = []
+    monkeypatch.setattr(sample.AutoModelForCausalLM, "from_pretrained",
+                        lambda *args, **kwargs: loads.append(args) or tiny_model())
+    monkeypatch.setattr(sample.AutoTokenizer, "from_pretrained", lambda *args, **kwargs: sample.byte_tokenizer())
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"")
+    folder = sample.gguf_to_hf(gguf, tmp_path / "m")
+    assert folder == tmp_path / "m" and (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+    assert not (tmp_path / "m.tmp").exists() and sample.gguf_to_hf(gguf, tmp_path / "m") == folder and len(loads) == 1
 
 
 @pytest.mark.parametrize("env, says", [({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+                                       ({"HF_HUB_OFFLINE": "True"}, "HF_HUB_OFFLINE is set"),
                                        ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "cannot reach http://127.0.0.1:9")])
 def test_an_unreachable_hub_id_fails_at_once_with_one_line(monkeypatch, tmp_path, env, says):
     # the hub client would retry for ~50 s; the check answers from the cache or one short request
