@@ -206,6 +206,8 @@ def test_resume_refuses_changed_run_flags_and_takes_the_rest_from_the_run(tmp_pa
     for flag, value in (("--n-rollouts", "8"), ("--model", "tiny-llama"), ("--steps", "5")):
         with pytest.raises(SystemExit, match=rf"{flag} {value} \(the run's: "):
             selfharmony.main(TINY + [flag, value, "--resume"] + run)
+    with pytest.raises(SystemExit, match=r"--n-rollouts 8 \(the run's: 4\)"):  # --flag=value is the flag too
+        selfharmony.main(["--n-rollouts=8", "--resume"] + run)
     # no run flag given: model (also the KL reference), data and steps come from the checkpoint
     selfharmony.main(["--resume"] + run)
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
@@ -435,6 +437,19 @@ def test_a_prompt_over_the_limit_stops_the_start_up_before_the_first_evaluation(
     selfharmony.main(run + ["--steps", "1", "--out-dir", str(tmp_path / "one")])
     with pytest.raises(SystemExit, match="question q1: prompt of 1[0-9]{3} tokens is over --max-prompt-tokens 1024"):
         selfharmony.main(run + ["--steps", "2", "--out-dir", str(tmp_path / "two")])
+    assert not (tmp_path / "two").exists()  # at start-up, not when step 2 draws it
+
+
+def test_each_reframing_asks_its_own_view_1_prompt():
+    from eval import prompt_ids, solver_messages
+    tokenizer, row = byte_tokenizer(), load_benchmark("arith", n=1)[0]
+    solver = prompt_ids(tokenizer, *solver_messages(row))
+    view1 = {"given": prompt_ids(tokenizer, *solver_messages({**row, "problem": row["reframed"]})),  # solve the story
+             "fused": prompt_ids(tokenizer, selfharmony.FUSED_SYSTEM, row["problem"]),  # rewrite, then solve
+             "separate": prompt_ids(tokenizer, selfharmony.REWRITE_SYSTEM, row["problem"])}  # rewrite only
+    for reframe, prompt in view1.items():
+        flags = types.SimpleNamespace(reframe=reframe, max_prompt_tokens=10**6, thinking_block=False)
+        assert selfharmony.first_prompts(tokenizer, [row], flags) == ([solver], [prompt])
 
 
 def test_a_device_torch_cannot_use_is_one_line():
@@ -811,6 +826,16 @@ def test_the_default_kv_budget_sets_aside_what_the_first_update_will_allocate(mo
     args = selfharmony.parse_args(TINY + ["--fsdp"])
     selfharmony.set_budgets(args, model, model, grpo.make_reference(model, 0.1), 2, "cuda", torch.float32)
     assert reserved == [pytest.approx(3 * P / 2**30), pytest.approx((P + 2 * P + P + P) / 2 / 2**30)]
+
+
+def test_a_flag_that_a_runs_checkpoint_predates_keeps_its_default():
+    args = selfharmony.parse_args(TINY)
+    flags = selfharmony.RUN_FLAGS + selfharmony.KEPT_FLAGS
+    saved = {k: getattr(args, k) for k in flags if k not in ("w_div", "eval_n")}  # a run from before these two
+    saved["lr"] = 0.5
+    args = selfharmony.resume_args(selfharmony.parse_args(["--resume"]), ["--resume"], saved)
+    default = selfharmony.parse_args([])
+    assert args.lr == 0.5 and args.model == "tiny" and (args.w_div, args.eval_n) == (default.w_div, default.eval_n)
 
 
 def test_resume_keeps_the_runs_evaluation_and_saving_settings(tmp_path):
