@@ -252,7 +252,8 @@ def test_a_gguf_is_converted_once_into_a_whole_folder(monkeypatch, tmp_path):
                                        ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "cannot reach http://127.0.0.1:9")])
 def test_an_unreachable_hub_id_fails_at_once_with_one_line(monkeypatch, tmp_path, env, says):
     # the hub client would retry for ~50 s; the check answers from the cache or one short request
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache (the variable is read at import)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     t0 = time.perf_counter()

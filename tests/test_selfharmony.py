@@ -36,6 +36,11 @@ def read_log(out):
     return [json.loads(line) for line in open(out / "log.jsonl")]
 
 
+def untimed(out):
+    """The run's log without its timings, which differ from run to run."""
+    return [{k: v for k, v in r.items() if not k.startswith("t_") and k != "sample_tok_s"} for r in read_log(out)]
+
+
 @pytest.mark.parametrize("extra", [
     ["--selector", "hms"], ["--selector", "mv"], ["--selector", "mv0"], ["--selector", "mv2"], ["--selector", "cross"],
     ["--selector", "gt"], ["--reframe", "given"],
@@ -156,8 +161,7 @@ def test_resume_gives_the_same_next_step(tmp_path):
     selfharmony.main(common + ["--out-dir", str(tmp_path / "split"), "--stop-after", "2"])
     assert [r["step"] for r in read_log(tmp_path / "split")] == [1, 2]
     selfharmony.main(common + ["--out-dir", str(tmp_path / "split"), "--resume"])
-    drop = lambda r: {k: v for k, v in r.items() if not k.startswith("t_") and k != "sample_tok_s"}  # timings
-    assert [drop(r) for r in read_log(tmp_path / "split")] == [drop(r) for r in read_log(tmp_path / "straight")]
+    assert untimed(tmp_path / "split") == untimed(tmp_path / "straight")
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(SystemExit, match="--resume"):  # a fresh run never writes over a finished one
@@ -273,8 +277,7 @@ def test_a_run_killed_between_the_checkpoints_two_renames_resumes_from_the_one_b
     # step 2's lines from before the kill are dropped from both logs: they hold what the uninterrupted run holds
     monkeypatch.setattr(selfharmony, "train_step", real_step)
     selfharmony.main(argv[:-1] + [str(tmp_path / "straight")])
-    drop = lambda r: {k: v for k, v in r.items() if not k.startswith("t_") and k != "sample_tok_s"}  # timings
-    assert [drop(r) for r in read_log(tmp_path)] == [drop(r) for r in read_log(tmp_path / "straight")]
+    assert untimed(tmp_path) == untimed(tmp_path / "straight")
     assert (tmp_path / "samples.jsonl").read_text() == (tmp_path / "straight" / "samples.jsonl").read_text()
 
 
