@@ -31,6 +31,10 @@ def test_format_score():
     assert format_score("") == 0.0
     # a header written twice: its first section counts (a model that echoes "SOLUTION:" at its end keeps its score)
     assert format_score(FULL + "\nSOLUTION:") == 1.0
+    # a header with its words apart by several spaces or a tab is that header; a placeholder in bold is still one
+    assert format_score("STRATEGY: a\nREWRITTEN \t PROBLEM: b?\nSOLUTION: \\boxed{1}") == 1.0
+    bold = "STRATEGY: a\nREWRITTEN PROBLEM: **[rewritten problem]**\nSOLUTION: \\boxed{1}"
+    assert format_score(bold) == pytest.approx(2 / 3) and rewritten_problem(bold) is None
 
 
 def test_rewritten_problem():
@@ -50,6 +54,9 @@ def test_jsd():
     expected = 0.75 * math.log(4 / 3)
     assert jsd({"a": 1.0}, {"a": 0.5, "b": 0.5}) == pytest.approx(expected, abs=1e-9)
     assert jsd({"a": 0.5, "b": 0.5}, {"a": 1.0}) == pytest.approx(expected, abs=1e-9)
+    # two distributions equal but for their last bits: the sum's rounding (-5.9e-17 here) is no negative divergence
+    p, q = {"a": 0.531615293907025, "b": 0.468384706092975}, {"a": 0.5316152939070256, "b": 0.46838470609297456}
+    assert jsd(p, q) == 0.0
 
 
 def test_div_penalty():
