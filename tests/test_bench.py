@@ -9,6 +9,9 @@ import torch
 import bench
 from sample import tiny_model
 
+# 4 one-token prompts x 2 samples, up to 8 new tokens, stop id 9, 4 rows (2 prompts' samples) in flight
+FOUR_BY_TWO = bench.Case("ragged", [[1], [2], [3], [4]], 2, 8, (9,), max_rows=4)
+
 
 def test_floor_seconds_by_hand():
     # rows (L=3, k=2) and (L=5, k=1): K+V tokens read = (3 + 4) + 5 = 12; 2 rows in flight, 3 tokens:
@@ -65,8 +68,8 @@ def test_hf_keeps_max_rows_in_flight_by_calling_on_fewer_prompts(monkeypatch):
         return [[p[0]] for p in prompts for _ in range(n)]
 
     monkeypatch.setattr(bench, "hf_generate", hf_generate)
-    case = bench.Case("ragged", [[1], [2], [3], [4]], 2, 8, (9,), max_rows=4)  # 2 prompts x 2 samples a call
-    assert bench.run_column("HF static+compile", None, case, 0, seed=10) == [[1], [1], [2], [2], [3], [3], [4], [4]]
+    rows = bench.run_column("HF static+compile", None, FOUR_BY_TWO, 0, seed=10)
+    assert rows == [[1], [1], [2], [2], [3], [3], [4], [4]]
     assert calls == [(2, 10, True), (2, 12, True)]  # each call its own seed
 
 
@@ -74,7 +77,7 @@ def test_the_warm_up_runs_one_in_flight_batch_of_the_case_that_stops_early(monke
     seen = []
     monkeypatch.setattr(bench, "run_column", lambda column, model, case, pad_id, seed: seen.append(case))
     model = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=10))
-    bench.warm_up_on_shapes("ours fast", model, bench.Case("ragged", [[1], [2], [3], [4]], 2, 8, (9,), 4), 0, "cpu")
+    bench.warm_up_on_shapes("ours fast", model, FOUR_BY_TWO, 0, "cpu")
     assert [(c.prompts, c.n, c.max_new, c.stops, c.max_rows) for c in seen] == [([[1], [2]], 2, 8, (0, 2, 4, 6, 8), 4)]
 
 

@@ -36,6 +36,11 @@ def read_log(out):
     return [json.loads(line) for line in open(out / "log.jsonl")]
 
 
+def prompt_flags(reframe):
+    """The flags first_prompts reads, with no limit on a prompt's length."""
+    return types.SimpleNamespace(reframe=reframe, max_prompt_tokens=10**6, thinking_block=False)
+
+
 def untimed(out):
     """The run's log without its timings, which differ from run to run."""
     return [{k: v for k, v in r.items() if not k.startswith("t_") and k != "sample_tok_s"} for r in read_log(out)]
@@ -424,7 +429,7 @@ def test_a_prompt_over_the_limit_stops_the_start_up_before_the_first_evaluation(
     drawn = selfharmony.batch_indices(0, 4, 2, seed=0)[0]
     questions = load_benchmark("arith", n=4)
     for reframe in ("fused", "given", "separate"):  # view 1's prompt is the longer one (fused, given)
-        flags = types.SimpleNamespace(reframe=reframe, max_prompt_tokens=10**6, thinking_block=False)
+        flags = prompt_flags(reframe)
         longest = [max(map(len, pair)) for pair in zip(*selfharmony.first_prompts(byte_tokenizer(), questions, flags))]
         limit = max(longest[i] for i in drawn) - 1
         run = TINY + ["--reframe", reframe, "--max-prompt-tokens", str(limit), "--out-dir", str(tmp_path / reframe)]
@@ -451,7 +456,7 @@ def test_each_reframing_asks_its_own_view_1_prompt():
              "fused": prompt_ids(tokenizer, selfharmony.FUSED_SYSTEM, row["problem"]),  # rewrite, then solve
              "separate": prompt_ids(tokenizer, selfharmony.REWRITE_SYSTEM, row["problem"])}  # rewrite only
     for reframe, prompt in view1.items():
-        flags = types.SimpleNamespace(reframe=reframe, max_prompt_tokens=10**6, thinking_block=False)
+        flags = prompt_flags(reframe)
         assert selfharmony.first_prompts(tokenizer, [row], flags) == ([solver], [prompt])
 
 
