@@ -40,6 +40,7 @@ import signal
 import sys
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -766,9 +767,9 @@ def load_questions(args, world):
     return questions, args.steps or args.epochs * (len(questions) // args.batch_size)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    # torchrun: each rank takes its own questions; grpo.step sums gradients over ranks
+def start_ranks(args):
+    """(ddp, rank, world, device): under torchrun a process group (NCCL on GPUs, else gloo) in which each
+    rank takes its own questions and grpo.step sums gradients over ranks, each rank on its own GPU."""
     ddp = "RANK" in os.environ
     if args.fsdp and not ddp:
         raise SystemExit("--fsdp shards the model over torchrun's ranks: run it under torchrun")
@@ -776,16 +777,126 @@ def main(argv=None):
         dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo",
                                 timeout=datetime.timedelta(hours=3))
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    master = rank == 0
     device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device == "cuda" and ddp:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)  # FSDP's device mesh and NCCL take the current device
+    return ddp, rank, world, device
+
+
+def restore(state, model, optimizer, scheduler, args, out_dir, total_steps, ddp, master):
+    """A resumed run's AdamW state and schedule from its checkpoint's `state`, and its logs cut back to
+    the checkpoint's step. Returns whether the run had already finished: all its steps done and its
+    final evaluation logged (or --no-eval)."""
+    if args.fsdp:  # the whole state, keyed by weight name; each rank takes its shard
+        set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if master:
+        for path in (out_dir / "log.jsonl", out_dir / "samples.jsonl"):
+            truncate_log(path, state["step"])
+    if ddp:
+        dist.barrier()
+    logged = ([json.loads(line) for line in open(out_dir / "log.jsonl")]
+              if (out_dir / "log.jsonl").exists() else [])
+    final_eval = any("eval" in r and r["step"] == total_steps for r in logged)
+    return state["step"] >= total_steps and (final_eval or args.no_eval)
+
+
+def log_line(path, row):
+    """One strict JSON line appended to a log."""
+    with open(path, "a") as f:
+        f.write(strict_json(row) + "\n")
+
+
+def run_eval(step, sampler, tokenizer, questions, args, rank, world, log_path):
+    """mean@k / maj@k / pass@k on the run's questions at --eval-every steps, the start and the end: each
+    rank samples its share, rank 0 logs (the paper's protocol: temperature 0.8, top-p 0.95)."""
+    if args.no_eval:
+        return
+    max_new = args.eval_max_new_tokens or args.max_new_tokens
+    _, records = evaluate(sampler, tokenizer, questions[rank::world], n=args.eval_n, temperature=0.8,
+                          top_p=0.95, max_new_tokens=max_new, batch_size=args.batch_size, seed=args.seed,
+                          engine=args.engine, thinking_block=args.thinking_block,
+                          max_rows=max_rows(sampler, args.max_prompt_tokens + max_new, args, None))
+    grades = [{k: r[k] for k in ("id", "kind", "answer", "correct")} for r in records]  # not the texts
+    everyone = [r for part in gather(grades, world) for r in part]
+    if rank == 0:
+        summary = summarize_records(questions, everyone, args.eval_n)
+        log_line(log_path, {"step": step, "eval": {k: v for k, v in summary.items()
+                                                   if not k.startswith("by_")}})
+        print(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in summary.items()
+                                                if isinstance(v, float)))
+
+
+@contextmanager
+def stop_signals():
+    """Ctrl-C (or SIGTERM from a scheduler) asks the run to stop: it finishes the step in progress,
+    saves, and exits with the shell's status for that signal (130, 143), so that a wrapper script or a
+    scheduler sees a run cut short; a second Ctrl-C stops at once (KeyboardInterrupt). Yields the list
+    that says why the run stops early, empty until then: the signal's number (or 0, put there by the
+    loop, for --stop-after)."""
+    stop_requested = []
+
+    def on_signal(signum, _):
+        if stop_requested:
+            raise KeyboardInterrupt
+        stop_requested.append(signum)
+        print("\nstopping after this step (Ctrl-C again to stop now)")
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop_requested
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def exits_explained(out_dir, step):
+    """A step that runs out of memory or disk, or a second Ctrl-C, ends with a line that says what to do
+    (and for Ctrl-C the shell's status, 130) instead of a traceback. step(): the step in progress."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise SystemExit(f"out of memory in step {step()}: lower --micro-batch, --kv-cache-gb or "
+                         "--max-new-tokens, or add --grad-checkpointing; --resume continues from the last "
+                         "checkpoint")
+    except OSError as e:  # the logs on a full disk (resume drops a half-written last line)
+        if e.errno != errno.ENOSPC:
+            raise
+        raise SystemExit(f"disk full in step {step()} ({e}): free some space in {out_dir}, then --resume")
+    except KeyboardInterrupt:  # the second Ctrl-C: checkpoints are written atomically, so the last one stands
+        print(f"interrupted in step {step()}; --resume --out-dir {out_dir} continues from the last "
+              "checkpoint", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT)  # the shell's status for Ctrl-C, as after the first
+
+
+def save_due(step, args, last_save, stop_requested, ddp):
+    """Whether a checkpoint is due after `step` (1-based) by --save-every or --save-minutes. Under
+    torchrun rank 0's clock and signals decide for all (its stop request is every rank's), so that every
+    rank reaches the same collectives."""
+    due = ((args.save_every and step % args.save_every == 0)
+           or (args.save_minutes and time.monotonic() - last_save >= 60 * args.save_minutes))
+    if ddp:
+        decision = [due, stop_requested[:1]]
+        dist.broadcast_object_list(decision, src=0)
+        due, stop_requested[:] = decision
+    return due
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ddp, rank, world, device = start_ranks(args)
+    master = rank == 0
     compute_dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     args, out_dir, ckpt, state = open_run(args, argv, ddp)
     torch.manual_seed(args.seed)
 
     questions, total_steps = load_questions(args, world)
+    start = state["step"] if args.resume else 0
 
     # weights stay float32 (AdamW's lr-3e-6 updates vanish in bfloat16); bfloat16 is autocast compute
     autocast = torch.autocast(device.split(":")[0], dtype=compute_dtype,
@@ -799,7 +910,6 @@ def main(argv=None):
             raise
         raise SystemExit(unreadable(ckpt, e))
     # the prompts of every question the run's steps draw fit --max-prompt-tokens: checked here, not hours in
-    start = state["step"] if args.resume else 0
     drawn = {i for s in range(start, total_steps) for i in batch_indices(s, len(questions), args.batch_size,
                                                                          args.seed)[0]}
     first_prompts(tokenizer, [questions[i] for i in sorted(drawn)], args)
@@ -840,22 +950,9 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                   lambda s: grpo.lr_schedule(s, total_steps, args.warmup))
     if args.resume:
-        if args.fsdp:  # the whole state, keyed by weight name; each rank takes its shard
-            set_optimizer_state_dict(model, optimizer, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        done = restore(state, model, optimizer, scheduler, args, out_dir, total_steps, ddp, master)
         del state  # AdamW's state now lives in the optimizer
-        if master:
-            for path in (out_dir / "log.jsonl", out_dir / "samples.jsonl"):
-                truncate_log(path, start)
-        if ddp:
-            dist.barrier()
-        logged = ([json.loads(line) for line in open(out_dir / "log.jsonl")]
-                  if (out_dir / "log.jsonl").exists() else [])
-        final_eval = any("eval" in r and r["step"] == total_steps for r in logged)
-        if start >= total_steps and (final_eval or args.no_eval):
+        if done:
             if master:
                 print(f"{out_dir} holds a finished run ({total_steps} steps): nothing to do")
             return
@@ -869,47 +966,14 @@ def main(argv=None):
               f"{world} rank(s), {device}"
               + (f"; each epoch's last {left} questions in its shuffled order wait for the next epoch"
                  if left else ""))
+    evaluate_at = lambda step: run_eval(step, sampler, tokenizer, questions, args, rank, world, log_path)
 
-    def log(row):
-        with open(log_path, "a") as f:
-            f.write(strict_json(row) + "\n")
-
-    def run_eval(step):
-        """mean@k / maj@k / pass@k on the run's questions: each rank samples its share, rank 0 logs."""
-        if args.no_eval:
-            return
-        max_new = args.eval_max_new_tokens or args.max_new_tokens
-        _, records = evaluate(sampler, tokenizer, questions[rank::world], n=args.eval_n, temperature=0.8,
-                              top_p=0.95, max_new_tokens=max_new, batch_size=args.batch_size, seed=args.seed,
-                              engine=args.engine, thinking_block=args.thinking_block,
-                              max_rows=max_rows(sampler, args.max_prompt_tokens + max_new, args, None))
-        grades = [{k: r[k] for k in ("id", "kind", "answer", "correct")} for r in records]  # not the texts
-        everyone = [r for part in gather(grades, world) for r in part]
-        if master:
-            summary = summarize_records(questions, everyone, args.eval_n)
-            log({"step": step, "eval": {k: v for k, v in summary.items() if not k.startswith("by_")}})
-            print(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in summary.items()
-                                                    if isinstance(v, float)))
-
-    # Ctrl-C (or SIGTERM from a scheduler) finishes the step in progress, saves, and exits with the shell's
-    # status for that signal (130, 143), so a wrapper script or a scheduler sees a run cut short; a second
-    # Ctrl-C stops at once
-    stop_requested = []  # why the run stops early: the signal's number, or 0 for --stop-after
-
-    def on_signal(signum, _):
-        if stop_requested:
-            raise KeyboardInterrupt
-        stop_requested.append(signum)
-        print("\nstopping after this step (Ctrl-C again to stop now)")
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    # step: the one in progress, for the messages below
-    skips, last_save, step, bar = 0, time.monotonic(), start - 1, None
-    try:
+    # step: the one in progress, for exits_explained's messages
+    skips, last_save, step = 0, time.monotonic(), start - 1
+    with (stop_signals() as stop_requested, exits_explained(out_dir, lambda: step + 1),
+          tqdm(initial=start, total=total_steps, disable=not master, desc="train") as bar):
         if start == 0:
-            run_eval(0)
-        bar = tqdm(initial=start, total=total_steps, disable=not master, desc="train")
+            evaluate_at(0)
         for step in range(start, total_steps):
             indices, epoch = batch_indices(step, len(questions), args.batch_size, args.seed)
             rows = [questions[i] for i in indices[rank::world]]
@@ -923,7 +987,7 @@ def main(argv=None):
             everything = gather({**out, "episodes": slim}, world)
             if master:
                 row = {"step": step + 1, "epoch": epoch, **step_row(everything)}
-                log(row)
+                log_line(log_path, row)
                 with open(texts_path, "a") as f:
                     f.writelines(sample_lines(out, rows[0], step + 1, args))
                 bar.write(progress_line(row))
@@ -942,14 +1006,9 @@ def main(argv=None):
             if args.stop_after and step + 1 - start >= args.stop_after and not done and not stop_requested:
                 stop_requested.append(0)
             if args.eval_every and (step + 1) % args.eval_every == 0 and not done:
-                run_eval(step + 1)
-            due = ((args.save_every and (step + 1) % args.save_every == 0)
-                   or (args.save_minutes and time.monotonic() - last_save >= 60 * args.save_minutes))
-            if ddp:  # rank 0's clock and signals decide for all: every rank must reach the same collectives
-                decision = [due, stop_requested[:1]]
-                dist.broadcast_object_list(decision, src=0)
-                due, stop_requested[:] = decision
-            if stop_requested or done or due:
+                evaluate_at(step + 1)
+            due = save_due(step + 1, args, last_save, stop_requested, ddp)  # on every rank: a collective
+            if due or stop_requested or done:
                 if master or args.fsdp:
                     save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step + 1, args, master)
                 last_save = time.monotonic()
@@ -960,28 +1019,11 @@ def main(argv=None):
                     print(f"stopped after step {step + 1}; continue with --resume")
                 break
         else:
-            run_eval(total_steps)
+            evaluate_at(total_steps)
             if master:
                 png = plot(log_path, out_dir / "curves.png")
                 print(f"wrote {png}" if png else "no curves.png: matplotlib is not installed "
                       f"(pip install matplotlib, then python selfharmony.py --plot --out-dir {out_dir})")
-    except torch.OutOfMemoryError:
-        raise SystemExit(f"out of memory in step {step + 1}: lower --micro-batch, --kv-cache-gb or "
-                         "--max-new-tokens, or add --grad-checkpointing; --resume continues from the last "
-                         "checkpoint")
-    except OSError as e:  # the logs on a full disk (resume drops a half-written last line)
-        if e.errno != errno.ENOSPC:
-            raise
-        raise SystemExit(f"disk full in step {step + 1} ({e}): free some space in {out_dir}, then --resume")
-    except KeyboardInterrupt:  # the second Ctrl-C: checkpoints are written atomically, so the last one stands
-        print(f"interrupted in step {step + 1}; --resume --out-dir {out_dir} continues from the last "
-              "checkpoint", file=sys.stderr)
-        raise SystemExit(128 + signal.SIGINT)  # the shell's status for Ctrl-C, as after the first
-    finally:
-        if bar is not None:
-            bar.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     if ddp:
         dist.destroy_process_group()
     if stop_requested and stop_requested[0]:  # stopped by a signal, the checkpoint written
