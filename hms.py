@@ -86,8 +86,9 @@ def extract_choice(text, n_options):
         return None
     letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:n_options]
     box = re.sub(r"\\[A-Za-z]+", " ", box)  # \text{D}: the command name must not hide the letter
-    # standalone: no letter, digit or slash beside it (C12H12O2, N/A) and no degree sign before it (°C)
-    m = re.search(rf"(?<![A-Za-z0-9/°])([{letters}])(?![A-Za-z0-9/])", box)
+    # standalone: no letter, digit, slash, sub- or superscript beside it (C12H12O2, N/A, C_6H_{12}O_6, C^\circ)
+    # and no degree sign before it (°C)
+    m = re.search(rf"(?<![A-Za-z0-9/°_^])([{letters}])(?![A-Za-z0-9/_^])", box)
     return m.group(1) if m else None
 
 
@@ -132,8 +133,8 @@ _NOISE = [  # (pattern, replacement), applied in order
 ]
 _UNIT = re.compile(r"\\text\{\s*[A-Za-z][A-Za-z .'/]*\}(?:\^\{?\d\}?)?\.?\s*$")  # km/h, people's; a period after
 _BARE_UNIT = re.compile(r"(?<=[\d}])\s+(?:[a-z]{2,}\s*){1,2}(?:\^\{?\d\}?)?\.?\s*$")  # 5 cm, 12 square feet
-_LEADING_NAME = re.compile(r"^(?:[A-Za-z]|\\[A-Za-z]+|\((?:\s*[A-Za-z]\s*,)+\s*[A-Za-z]\s*\))(?:_\{?\w+\}?)?\s*"
-                           r"(?:=|\\in(?![A-Za-z]))\s*(?=\S)")  # x =, \theta =, x \in, (a, b) =
+_LEADING_NAME = re.compile(r"^(?P<name>(?:[A-Za-z]|\\[A-Za-z]+|\((?:\s*[A-Za-z]\s*,)+\s*[A-Za-z]\s*\))"
+                           r"(?:_\{?\w+\}?)?)\s*(?:=|\\in(?![A-Za-z]))\s*(?=\S)")  # x =, \theta =, x \in, (a, b) =
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _BRACE_ARGS = [  # \frac12 -> \frac{1}{2}, \sqrt2 -> \sqrt{2}, x^{2} -> x^2
     (re.compile(r"\\frac([0-9A-Za-z])([0-9A-Za-z])"), r"\\frac{\1}{\2}"),
@@ -162,10 +163,11 @@ def normalize_answer(s):
     3\\sqrt{3}/4); bmatrix and plain matrix -> pmatrix; every number that stands alone (the whole
     answer, or one entry of a tuple, interval or matrix) becomes an integer or a reduced "p/q".
     A bare list (commas outside any bracket: the solutions of an equation, "1, -2") is a set, and its
-    entries are sorted, with "a \\pm b" as its two entries; tuples, intervals and matrices keep their
-    order. Signs, brackets and radicals are kept: it is a normal form, not an algebra system, so
-    equal values written differently stay apart (`a+b` vs `b+a`, `\\sqrt8` vs `2\\sqrt2`,
-    `\\frac{\\sqrt3}{3}` vs `\\frac{1}{\\sqrt3}`)."""
+    entries are sorted, with "a \\pm b" as its two entries; so is a set in braces (\\{-2, 1\\}), and an
+    entry that names the first entry's variable again loses the name too (x = 1, x = -2); tuples,
+    intervals and matrices keep their order. Signs, brackets and radicals are kept: it is a normal
+    form, not an algebra system, so equal values written differently stay apart (`a+b` vs `b+a`,
+    `\\sqrt8` vs `2\\sqrt2`, `\\frac{\\sqrt3}{3}` vs `\\frac{1}{\\sqrt3}`)."""
     s = s.strip()
     if len(s) > MAX_BOX_CHARS:  # not an answer; compared verbatim, which bounds the time
         return s
@@ -176,6 +178,7 @@ def normalize_answer(s):
         s = s[:unit.start()]
     s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
     s = _BARE_UNIT.sub("", s)  # unit words with no \\text: "18 dollars" -> "18"
+    named = _LEADING_NAME.match(s.strip())  # x in "x = 1, x = -2": each entry's name goes below
     s = _LEADING_NAME.sub("", s.strip()).strip().rstrip(".").strip()
     if _THOUSANDS.fullmatch(s):  # only a lone number: "(1,2)" and "1, 2" keep their commas
         s = s.replace(",", "")
@@ -186,7 +189,9 @@ def normalize_answer(s):
         s = s[1]
     elif re.fullmatch(r"\([A-E]\)[^(),]+", s):  # "(C) 12": the option letter with its text (MATH's choices)
         s = s[1]
-    entries = [value for entry in _top_level_split(s) for value in _plus_minus(entry)]
+    name = named and re.sub(r"\s+", "", named["name"])
+    entries = [value for entry in _top_level_split(_set_entries(s))  # a set \{a, b\} is a bare list
+               for value in _plus_minus(_unnamed(entry, name))]
     entries = ["".join(_canonical_piece(piece) for piece in _PIECES.split(entry)) for entry in entries]
     return ",".join(sorted(entries))
 
@@ -199,7 +204,24 @@ def _plus_minus(entry):
     if len(cut) != 1:
         return [entry]
     a, b = entry[: cut[0]], entry[cut[0] + 3 :]
-    return [f"{a}+{b}", f"{a}-{b}"]
+    return [f"{a}+{b}" if a else b, f"{a}-{b}"]  # \pm\sqrt3: \sqrt3 and -\sqrt3, as models write them
+
+
+def _set_entries(s):
+    """The entries of an answer that is one set, \\{a, b\\}, as the bare list "a, b" (both are the
+    solutions, in no order); s itself otherwise (\\{1\\}\\cup\\{2\\} is not one set)."""
+    inner = s[2:-2]
+    depth = _depths(inner)  # never below 0 and back to 0 at the end: the outer braces are one pair
+    whole = s.startswith(r"\{") and s.endswith(r"\}") and inner and min(depth) == 0 == depth[-1]
+    return inner if whole else s
+
+
+def _unnamed(entry, name):
+    """A list's entry without a leading `name =` (name: the variable the answer's first entry named, which
+    normalize_answer dropped): "x = 1, x = -2" is the solutions 1 and -2. An entry that names another
+    variable keeps its name (a = 1, b = 2 is not the set {1, 2})."""
+    m = _LEADING_NAME.match(entry)
+    return entry[m.end():] if m and name and m["name"] == name else entry
 
 
 def _depths(s):

@@ -51,11 +51,12 @@ def _sections(text):
 
 
 def _has_content(section):
-    """Not missing, not blank or markdown only, not a bracketed placeholder."""
+    """Not missing, not blank or markdown only, not a bracketed placeholder (also in bold, in backticks or
+    with a period after it: the prompt's own "<the problem, rewritten>." copied back)."""
     if section is None:
         return False
-    section = section.strip().strip("*_#").strip()
-    return re.search(r"[^\W_]", section) is not None and not _PLACEHOLDER.fullmatch(section)
+    section = section.strip().strip("*_#`").strip()
+    return re.search(r"[^\W_]", section) is not None and not _PLACEHOLDER.fullmatch(section.rstrip(".").rstrip())
 
 
 def format_score(text):

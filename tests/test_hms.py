@@ -53,6 +53,10 @@ EQUAL = [
     ("18", "18 dollars"), ("2125", r"\text{2125 square feet}"), ("18", "x = 18 cm^2"),
     # AIME 2024 (leading zeros) and AMC (float strings)
     ("25", "025"), ("73", "073"), ("80", "080"), ("809", "809."), ("142", "142.0"), ("-4", "-4.0"), ("0", "0.0"),
+    # a set in braces is its solutions in any order, as a bare list; each solution may name the variable
+    (r"\{1\pm\sqrt{5},-2\}", r"1+\sqrt{5},1-\sqrt{5},-2"),
+    (r"\{1\pm\sqrt{5},-2\}", r"\left\{-2, 1 \pm \sqrt5\right\}"),
+    ("1,-2", "x = 1, x = -2"), ("1,-2", r"x \in \{-2, 1\}"),
 ]
 
 # (gold answer as it appears in the data, a different answer that must stay different)
@@ -71,7 +75,8 @@ DIFFERENT = [
     (r"137 \frac{1}{2}", r"\frac{137}{2}"), (r"1\frac{4}{5}", r"\frac{4}{5}"),
     ("18", "81"), ("2125", "212.5"), ("25", "0.25"), ("-4", "4"), ("58,500", "58.5"), ("1,-2", "1-2"),
     (r"-\frac{\pi}{6}", r"\pi/6"), (r"\frac{3\sqrt{3}}{4}", r"3\sqrt3/5"), ("1,-2", "(1,-2)"),
-    (r"1 \pm \sqrt{19}", r"1+\sqrt{19}"), ("18", "18 and 19"), ("18", "18 k"), (r"\text{(B)}", "(B),(C)"), (r"\text{(B)}", "(B)(C)"), (r"\{1\pm\sqrt{5},-2\}", r"1+\sqrt{5},1-\sqrt{5},-2"),
+    (r"1 \pm \sqrt{19}", r"1+\sqrt{19}"), ("18", "18 and 19"), ("18", "18 k"), (r"\text{(B)}", "(B),(C)"), (r"\text{(B)}", "(B)(C)"),
+    ("1,-2", "a = 1, b = -2"),  # two variables named: not the set {1, -2}
 ]
 
 
@@ -104,7 +109,14 @@ def test_canonical_numeric_form():
         ["1/0", r"\frac{1}{0}", r"2\frac{3}{3}", r"2\frac{3}{2}", "3/2"]
     # a bare list is a set of solutions: one order; inside brackets the order stays
     assert normalize_answer("2, 1/2, -1") == "-1,1/2,2" and normalize_answer("(2, 1), 0") == "(2,1),0"
-    assert normalize_answer(r"\{2, 1\}") == r"\{2,1\}" and normalize_answer("[3,1)") == "[3,1)"
+    assert normalize_answer("[3,1)") == "[3,1)"
+    # a set in braces is one (\{2, 1\}: 1 and 2); a union of two is not
+    assert normalize_answer(r"\{2, 1\}") == "1,2" and normalize_answer(r"\{(2, 1), 0\}") == "(2,1),0"
+    assert normalize_answer(r"\{2\} \cup \{1\}") == r"\{2\}\cup\{1\}"
+    # \pm with nothing before it: the value and its negative; the variable named again goes, another stays
+    assert normalize_answer(r"\pm\sqrt{3}") == normalize_answer(r"x = \sqrt3, -\sqrt3") \
+        == r"-\sqrt{3},\sqrt{3}"
+    assert normalize_answer("x_1 = 3, x_1 = 4") == "3,4" and normalize_answer("x_1 = 3, x_2 = 4") == "3,x_2=4"
 
 
 def test_thousands_braces_and_matrix_environments():
@@ -169,6 +181,8 @@ def test_extract_choice():
     assert extract_choice(r"\boxed{42}", 4) is None
     # a letter with a digit, slash or degree sign beside it is part of something else: no option
     assert extract_choice(r"\boxed{C12H12O2}", 4) is None and extract_choice(r"\boxed{N/A}", 4) is None
+    # a formula's letters, subscripted or with a degree sign, are no option either
+    assert [extract_choice(rf"\boxed{{{f}}}", 10) for f in (r"C_6H_{12}O_6", "H_2O", r"C^\circ", "x^A")] == [None] * 4
     assert extract_choice(r"\boxed{25 °C}", 4) is None and extract_choice(r"\boxed{B)}", 4) == "B"
     assert extract_choice("The answer is C", 4) is None
 

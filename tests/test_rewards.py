@@ -35,6 +35,12 @@ def test_format_score():
     assert format_score("STRATEGY: a\nREWRITTEN \t PROBLEM: b?\nSOLUTION: \\boxed{1}") == 1.0
     bold = "STRATEGY: a\nREWRITTEN PROBLEM: **[rewritten problem]**\nSOLUTION: \\boxed{1}"
     assert format_score(bold) == pytest.approx(2 / 3) and rewritten_problem(bold) is None
+    # the prompt's layout copied back with a period after each placeholder, or in backticks: placeholders still
+    copied = ("STRATEGY: <the strategy you chose, one line>.\nREWRITTEN PROBLEM: <the problem, rewritten>.\n"
+              "SOLUTION: <step-by-step solution> \\boxed{1}")
+    assert format_score(copied) == pytest.approx(1 / 3)  # the solution holds a box: it counts
+    assert rewritten_problem("REWRITTEN PROBLEM: `[the problem]`\nSOLUTION: 1") is None
+    assert rewritten_problem("REWRITTEN PROBLEM: Is [0, 1] closed.\nSOLUTION: 1") == "Is [0, 1] closed."
 
 
 def test_rewritten_problem():
