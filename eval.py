@@ -8,7 +8,8 @@ Ground-truth answers are used only here (and by the `gt` selector), never to tra
 
 Metrics over Q questions with k samples each, c_qj = 1 if sample j of question q is right:
     mean@k = 1/Q sum_q 1/k sum_j c_qj          (the paper's headline number, k = 16, T = 0.8, top-p 0.95)
-    maj@k  = 1/Q sum_q 1[majority_vote(a_q1..a_qk) = gold_q]   (a = normalised answer; None never wins)
+    maj@k  = 1/Q sum_q 1[majority_vote(a_q1..a_qk) = gold_q]   (a = normalised answer; None never wins;
+                                                               a tie goes to the smallest string: option A first)
     pass@k = 1/Q sum_q max_j c_qj              (any of the k samples right)
     greedy = accuracy of one temperature-0 completion a question
 They are reported overall and per group (MATH500: subject and level; MMLU-Pro: category; GPQA: domain).
@@ -16,7 +17,8 @@ They are reported overall and per group (MATH500: subject and level; MMLU-Pro: c
 The solver prompt is the release's: its system turn ("Let's think step by step and output the
 final answer within \\boxed{}.") and the question, rendered by the chat template with no
 enable_thinking flag (Qwen3's template then writes no think block; --thinking-block adds its
-empty one).
+empty one). A multiple-choice question adds its options and one line the release does not have,
+asking for the letter alone in the box (CHOICE_INSTRUCTION).
 
 Departures: pass@k is the plain "any of the k drawn samples", not the unbiased estimator of
 Chen et al. (2021) for k < n. The paper's GPQA row implies 197 questions; this loads the public 198.

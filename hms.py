@@ -78,6 +78,9 @@ def _braced_group(text, start):
     return None
 
 
+_DEGREE = r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree|°"  # 90^\circ, 90^{\circ}, 90°
+
+
 def extract_choice(text, n_options):
     """Multiple choice: the first standalone letter among the first n_options (A, B, ...) inside
     the last box, e.g. \\boxed{B}, \\boxed{(C)}, \\boxed{\\text{D}}, \\boxed{B. 42}; else None."""
@@ -85,10 +88,12 @@ def extract_choice(text, n_options):
     if box is None or n_options < 1:
         return None
     letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:n_options]
+    box = re.sub(_DEGREE, "°", box)
     box = re.sub(r"\\[A-Za-z]+", " ", box)  # \text{D}: the command name must not hide the letter
-    # standalone: no letter, digit, slash, sub- or superscript beside it (C12H12O2, N/A, C_6H_{12}O_6, C^\circ)
-    # and no degree sign before it (°C)
-    m = re.search(rf"(?<![A-Za-z0-9/°_^])([{letters}])(?![A-Za-z0-9/_^])", box)
+    box = re.sub(r"°[\s{}]*[A-Za-z]", " ", box)  # 25^{\circ}C, -40^\circ\text{F}: a temperature's unit
+    # standalone: no letter, digit, slash, sub- or superscript or degree sign beside it (C12H12O2, N/A,
+    # C_6H_{12}O_6, C^\circ)
+    m = re.search(rf"(?<![A-Za-z0-9/°_^])([{letters}])(?![A-Za-z0-9/°_^])", box)
     return m.group(1) if m else None
 
 
@@ -123,7 +128,7 @@ def gold_answer(row):
 _NOISE = [  # (pattern, replacement), applied in order
     (re.compile(r"\\(?:left|right)(?![A-Za-z])\.?"), ""),
     (re.compile(r"\\[dtc]frac(?![A-Za-z])"), r"\\frac"),
-    (re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree|°"), ""),
+    (re.compile(_DEGREE), ""),
     (re.compile(r"(?<!\\)\\!\s*"), ""),  # 10,\!080: a negative space inside a number
     (re.compile(r"(?<=\d)\{,\}(?=\d{3}(?!\d))"), ""),  # 10{,}080: MATH's thousands separator
     (re.compile(r"\\(begin|end)\{[bp]?matrix\}"), r"\\\1{pmatrix}"),  # one name for the same entries
@@ -132,7 +137,8 @@ _NOISE = [  # (pattern, replacement), applied in order
     (re.compile(r"\\(?:mbox|textrm|textbf|textnormal|mathrm|mathbf)\{"), r"\\text{"),
 ]
 _UNIT = re.compile(r"\\text\{\s*[A-Za-z][A-Za-z .'/]*\}(?:\^\{?\d\}?)?\.?\s*$")  # km/h, people's; a period after
-_BARE_UNIT = re.compile(r"(?<=[\d}])\s+(?:[a-z]{2,}\s*){1,2}(?:\^\{?\d\}?)?\.?\s*$")  # 5 cm, 12 square feet
+# 5 cm, 12 square feet, 18 Dollars, 18 USD, 18 dollars per day (not 3 PM: 3 AM is another answer)
+_BARE_UNIT = re.compile(r"(?<=[\d}])\s+(?:(?:[A-Za-z][a-z]+|[A-Z]{3})\s*){1,3}(?:\^\{?\d\}?)?\.?\s*$")
 _LEADING_NAME = re.compile(r"^(?P<name>(?:[A-Za-z]|\\[A-Za-z]+|\((?:\s*[A-Za-z]\s*,)+\s*[A-Za-z]\s*\))"
                            r"(?:_\{?\w+\}?)?)\s*(?:=|\\in(?![A-Za-z]))\s*(?=\S)")  # x =, \theta =, x \in, (a, b) =
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")

@@ -51,6 +51,7 @@ EQUAL = [
     # GSM8K: the clean answer and the raw one with thousands commas
     ("2125", "2,125"), ("114200", "114,200"), ("1450000", "1,450,000"), ("18", "$18"), ("18", "18.00"),
     ("18", "18 dollars"), ("2125", r"\text{2125 square feet}"), ("18", "x = 18 cm^2"),
+    ("18", "18 dollars per day"), ("18", "18 Dollars"), ("18", "18 USD"),
     # AIME 2024 (leading zeros) and AMC (float strings)
     ("25", "025"), ("73", "073"), ("80", "080"), ("809", "809."), ("142", "142.0"), ("-4", "-4.0"), ("0", "0.0"),
     # a set in braces is its solutions in any order, as a bare list; each solution may name the variable
@@ -182,7 +183,9 @@ def test_extract_choice():
     # a letter with a digit, slash or degree sign beside it is part of something else: no option
     assert extract_choice(r"\boxed{C12H12O2}", 4) is None and extract_choice(r"\boxed{N/A}", 4) is None
     # a formula's letters, subscripted or with a degree sign, are no option either
-    assert [extract_choice(rf"\boxed{{{f}}}", 10) for f in (r"C_6H_{12}O_6", "H_2O", r"C^\circ", "x^A")] == [None] * 4
+    formulas = (r"C_6H_{12}O_6", "H_2O", r"C^\circ", "x^A", r"25^{\circ}C", r"-40^\circ\text{F}", r"25\degree C")
+    assert [extract_choice(rf"\boxed{{{f}}}", 10) for f in formulas] == [None] * 7
+    assert extract_choice(r"\boxed{(D) 25^\circ C}", 4) == "D" and extract_choice(r"\boxed{B. 90^\circ}", 4) == "B"
     assert extract_choice(r"\boxed{25 °C}", 4) is None and extract_choice(r"\boxed{B)}", 4) == "B"
     assert extract_choice("The answer is C", 4) is None
 
