@@ -185,6 +185,7 @@ def normalize_answer(s):
     s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
     s = _BARE_UNIT.sub("", s)  # unit words with no \\text: "18 dollars" -> "18"
     named = _LEADING_NAME.match(s.strip())  # x in "x = 1, x = -2": each entry's name goes below
+    name = named and re.sub(r"\s+", "", named["name"])
     s = _LEADING_NAME.sub("", s.strip()).strip().rstrip(".").strip()
     if _THOUSANDS.fullmatch(s):  # only a lone number: "(1,2)" and "1, 2" keep their commas
         s = s.replace(",", "")
@@ -195,7 +196,6 @@ def normalize_answer(s):
         s = s[1]
     elif re.fullmatch(r"\([A-E]\)[^(),]+", s):  # "(C) 12": the option letter with its text (MATH's choices)
         s = s[1]
-    name = named and re.sub(r"\s+", "", named["name"])
     entries = [value for entry in _top_level_split(_set_entries(s))  # a set \{a, b\} is a bare list
                for value in _plus_minus(_unnamed(entry, name))]
     entries = ["".join(_canonical_piece(piece) for piece in _PIECES.split(entry)) for entry in entries]
