@@ -360,9 +360,11 @@ CDF_BLOCK = 1024  # vocabulary entries a block of the two-level inverse CDF (inv
 
 
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, u=None):
-    """One token a row from softmax(logits / temperature), cut to the top-k, then to the top-p mass.
-    u: one uniform number a row in [0, 1), drawn here from `generator` when not given (the fast
-    engine draws it outside its CUDA graph and passes it in)."""
+    """One token a row from softmax(logits / temperature), cut to the top-k (tokens tied with the k-th
+    are kept, as HF's TopKLogitsWarper keeps them), then to the top-p mass. u: one uniform number a row
+    in [0, 1), drawn here from `generator` when not given (the fast engine draws it outside its CUDA
+    graph and passes it in). A row with a NaN or inf logit (a diverged model's) still draws a token of
+    the vocabulary, and the other rows draw as they would, rather than stopping the run."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float()  # (b, V)

@@ -85,15 +85,16 @@ def test_seed_reproduces_and_temperature_zero_ignores_it(tok):
 
 
 def reference_probs(logits, temperature, top_k, top_p):
-    """Float64 numpy: softmax(logits / T), keep the top-k, then the smallest top set with mass >= top_p."""
+    """Float64 numpy: softmax(logits / T), keep the top-k (and the tokens tied with the k-th: no more than
+    k - 1 tokens above), then the smallest top set with mass >= top_p."""
     z = np.asarray(logits, dtype=np.float64) / temperature
     p = np.exp(z - z.max())
     p /= p.sum()
     order = np.argsort(-p, kind="stable")
     keep = np.zeros(len(p), bool)
     mass = 0.0
-    for rank, i in enumerate(order):
-        if (top_k and rank >= top_k) or mass >= top_p:
+    for i in order:
+        if (top_k and (p > p[i]).sum() >= top_k) or mass >= top_p:
             break
         keep[i] = True
         mass += p[i]
@@ -111,6 +112,17 @@ def test_sampled_distribution_matches_softmax(temperature, top_k, top_p):
     assert np.all(freq[p == 0] == 0)
     sigma = np.sqrt(p * (1 - p) / n) + 1e-12
     assert np.max(np.abs(freq - p) / np.where(p > 0, sigma, 1)) < 5  # every token within 5 sigma
+
+
+def test_top_k_keeps_the_tokens_tied_with_the_kth():
+    # top-1 of [1, 1, 0]: both ones, half and half (HF's TopKLogitsWarper keeps ties too); top-2 of [2, 1, 1, 0]
+    n = 20_000
+    for logits, top_k in (([1.0, 1.0, 0.0], 1), ([2.0, 1.0, 1.0, 0.0], 2)):
+        tokens = sample_next(torch.tensor(logits).expand(n, -1), 1.0, top_k, 1.0, torch.Generator().manual_seed(0))
+        freq = np.bincount(tokens.numpy(), minlength=len(logits)) / n
+        p = reference_probs(logits, 1.0, top_k, 1.0)
+        assert np.all(freq[p == 0] == 0) and np.count_nonzero(p) == top_k + 1
+        assert np.abs(freq - p).max() < 5 * np.sqrt(0.25 / n)
 
 
 def test_top_p_keeps_the_smallest_set_that_reaches_it_exactly():
@@ -158,6 +170,10 @@ def test_inverse_cdf_of_nan_probabilities_draws_tokens_in_range():
     # a diverged model's NaN logits: some token of the vocabulary, not an index past its end (on CUDA a device assert)
     tokens = inverse_cdf(torch.full((3, 1030), float("nan")), torch.tensor([0.0, 0.5, 1 - 2**-53], dtype=torch.float64), 64)
     assert ((tokens >= 0) & (tokens < 1030)).all()
+    # through sample_next: a row with one NaN or inf logit draws a token in range, the row beside it its own
+    logits = torch.tensor([[0.0, float("nan"), 2.0], [0.0, float("inf"), 2.0], [-50.0, -50.0, 50.0]])
+    tokens = sample_next(logits, 1.0, 0, 0.9, u=torch.tensor([0.5, 0.5, 0.5], dtype=torch.float64))
+    assert ((tokens >= 0) & (tokens < 3)).all() and tokens[2] == 2
 
 
 def test_first_tokens_of_generate_follow_the_model_softmax(tok):
