@@ -950,9 +950,9 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                   lambda s: grpo.lr_schedule(s, total_steps, args.warmup))
     if args.resume:
-        done = restore(state, model, optimizer, scheduler, args, out_dir, total_steps, ddp, master)
+        ended = restore(state, model, optimizer, scheduler, args, out_dir, total_steps, ddp, master)
         del state  # AdamW's state now lives in the optimizer
-        if done:
+        if ended:
             if master:
                 print(f"{out_dir} holds a finished run ({total_steps} steps): nothing to do")
             return
