@@ -114,6 +114,8 @@ def test_canonical_numeric_form():
     # a set in braces is one (\{2, 1\}: 1 and 2); a union of two is not
     assert normalize_answer(r"\{2, 1\}") == "1,2" and normalize_answer(r"\{(2, 1), 0\}") == "(2,1),0"
     assert normalize_answer(r"\{2\} \cup \{1\}") == r"\{2\}\cup\{1\}"
+    assert normalize_answer(r"\{\}") == r"\{\}"  # the empty set is an answer, not nothing
+    assert normalize_answer("3 PM") != normalize_answer("3 AM")  # two capitals are no unit word
     # \pm with nothing before it: the value and its negative; the variable named again goes, another stays
     assert normalize_answer(r"\pm\sqrt{3}") == normalize_answer(r"x = \sqrt3, -\sqrt3") \
         == r"-\sqrt{3},\sqrt{3}"
