@@ -150,7 +150,11 @@ _BRACE_ARGS = [  # \frac12 -> \frac{1}{2}, \sqrt2 -> \sqrt{2}, x^{2} -> x^2
     (re.compile(r"([_^])\{(\w)\}"), r"\1\2"),
 ]
 _PIECES = re.compile(r"(,|\(|\)|\[|\]|\\\{|\\\}|\\\\|&|\\begin\{\w*\}|\\end\{\w*\}|\\cup)")
-_SLASH = re.compile(r"(?P<sign>-?)(?P<p>\d*(?:\\[A-Za-z]+(?:\{\w+\})?|[A-Za-z]))/(?P<q>\d+)")  # \pi/2, 3\sqrt{3}/4
+_SYMBOL = r"(?:\\[A-Za-z]+(?:\{\w+\})?|[A-Za-z])"  # \pi, \sqrt{3}, x
+_SLASHES = [re.compile(rf"(?P<sign>-?)(?P<p>\d*{_SYMBOL})/(?P<q>\d+)"),  # \pi/2, 3\sqrt{3}/4
+            re.compile(rf"(?P<sign>-?)(?P<p>\d+)/(?P<q>{_SYMBOL})")]  # 20000/\pi, 2/\sqrt{3}; not 1/2x
+# \frac{-\pi}{6}: a top of one term (\frac{-x-1}{y} is not -\frac{x-1}{y})
+_NEGATIVE_TOP = re.compile(r"\\frac\{-(?P<p>[^{}+-]+)\}\{(?P<q>[^{}]+)\}")
 _NUM = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
 _RATIONAL = [
     re.compile(rf"(?P<sign>[+-]?)(?P<p>{_NUM})"),
@@ -243,9 +247,12 @@ def _top_level_split(s):
 
 
 def _canonical_piece(piece):
-    """One entry of an answer: a symbol over a whole number as a \\frac (models write \\pi/2 and
-    \\frac{\\pi}{2} alike), a number in its canonical form, anything else unchanged."""
-    m = _SLASH.fullmatch(piece)
+    """One entry of an answer: a symbol over a whole number, or a whole number over a symbol, as a \\frac
+    (models write \\pi/2 and \\frac{\\pi}{2} alike), the sign of a fraction's top in front of it
+    (\\frac{-\\pi}{6} is -\\frac{\\pi}{6}), a number in its canonical form, anything else unchanged."""
+    m = _NEGATIVE_TOP.fullmatch(piece)
+    piece = rf"-\frac{{{m['p']}}}{{{m['q']}}}" if m else piece
+    m = next((m for pattern in _SLASHES if (m := pattern.fullmatch(piece))), None)
     return rf"{m['sign']}\frac{{{m['p']}}}{{{m['q']}}}" if m else _canonical_number(piece)
 
 

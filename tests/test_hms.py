@@ -58,6 +58,8 @@ EQUAL = [
     (r"\{1\pm\sqrt{5},-2\}", r"1+\sqrt{5},1-\sqrt{5},-2"),
     (r"\{1\pm\sqrt{5},-2\}", r"\left\{-2, 1 \pm \sqrt5\right\}"),
     ("1,-2", "x = 1, x = -2"), ("1,-2", r"x \in \{-2, 1\}"),
+    # a fraction's sign before it or on its top; a whole number over a symbol written with a slash
+    (r"-\frac{\pi}{6}", r"\frac{-\pi}{6}"), (r"\frac{20000}{\pi}", r"20000/\pi"),
 ]
 
 # (gold answer as it appears in the data, a different answer that must stay different)
@@ -116,6 +118,9 @@ def test_canonical_numeric_form():
     assert normalize_answer(r"\{2\} \cup \{1\}") == r"\{2\}\cup\{1\}"
     assert normalize_answer(r"\{\}") == r"\{\}"  # the empty set is an answer, not nothing
     assert normalize_answer("3 PM") != normalize_answer("3 AM")  # two capitals are no unit word
+    # a sign leaves a fraction's top of one term only; a slash binds a number to the symbol after it, not 2x
+    assert normalize_answer(r"\frac{-x-1}{y}") != normalize_answer(r"-\frac{x-1}{y}")
+    assert normalize_answer("1/2x") != normalize_answer(r"\frac{1}{2x}")
     # \pm with nothing before it: the value and its negative; the variable named again goes, another stays
     assert normalize_answer(r"\pm\sqrt{3}") == normalize_answer(r"x = \sqrt3, -\sqrt3") \
         == r"-\sqrt{3},\sqrt{3}"
