@@ -169,8 +169,9 @@ def normalize_answer(s):
     \\text{} wrappers and trailing units (in \\text, or bare words after a number: "18 dollars"), a
     leading `x =` or `(a, b) =`, thousands separators (`{,}` anywhere, commas in a lone number only)
     and a trailing period go; an option letter boxed with its text ("(C) 12") is the letter;
-    \\dfrac/\\tfrac -> \\frac with braced arguments, and a symbol over a whole number too (\\pi/2,
-    3\\sqrt{3}/4); bmatrix and plain matrix -> pmatrix; every number that stands alone (the whole
+    \\dfrac/\\tfrac -> \\frac with braced arguments, and a symbol over a whole number or a whole number
+    over a symbol too (\\pi/2, 3\\sqrt{3}/4, 20000/\\pi), with the minus of a top of one term in front
+    (\\frac{-\\pi}{6}); bmatrix and plain matrix -> pmatrix; every number that stands alone (the whole
     answer, or one entry of a tuple, interval or matrix) becomes an integer or a reduced "p/q".
     A bare list (commas outside any bracket: the solutions of an equation, "1, -2") is a set, and its
     entries are sorted, with "a \\pm b" as its two entries; so is a set in braces (\\{-2, 1\\}), and an
