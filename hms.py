@@ -253,8 +253,10 @@ def _canonical_piece(piece):
     (\\frac{-\\pi}{6} is -\\frac{\\pi}{6}), a number in its canonical form, anything else unchanged."""
     m = _NEGATIVE_TOP.fullmatch(piece)
     piece = rf"-\frac{{{m['p']}}}{{{m['q']}}}" if m else piece
-    m = next((m for pattern in _SLASHES if (m := pattern.fullmatch(piece))), None)
-    return rf"{m['sign']}\frac{{{m['p']}}}{{{m['q']}}}" if m else _canonical_number(piece)
+    for pattern in _SLASHES:
+        if m := pattern.fullmatch(piece):
+            return rf"{m['sign']}\frac{{{m['p']}}}{{{m['q']}}}"
+    return _canonical_number(piece)
 
 
 def _canonical_number(piece):
