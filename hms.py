@@ -142,11 +142,13 @@ _BARE_UNIT = re.compile(r"(?<=[\d}])\s+(?:(?:[A-Za-z][a-z]+|[A-Z]{3})\s*){1,3}(?
 _LEADING_NAME = re.compile(r"^(?P<name>(?:[A-Za-z]|\\[A-Za-z]+|\((?:\s*[A-Za-z]\s*,)+\s*[A-Za-z]\s*\))"
                            r"(?:_\{?\w+\}?)?)\s*(?:=|\\in(?![A-Za-z]))\s*(?=\S)")  # x =, \theta =, x \in, (a, b) =
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-_BRACE_ARGS = [  # \frac12 -> \frac{1}{2}, \sqrt2 -> \sqrt{2}, x^{2} -> x^2
-    (re.compile(r"\\frac([0-9A-Za-z])([0-9A-Za-z])"), r"\\frac{\1}{\2}"),
-    (re.compile(r"\\frac([0-9A-Za-z])\{"), r"\\frac{\1}{"),
-    (re.compile(r"\\frac(\{[^{}]*\})([0-9A-Za-z])"), r"\\frac\1{\2}"),
-    (re.compile(r"\\sqrt([0-9A-Za-z])"), r"\\sqrt{\1}"),
+# an unbraced argument: one character, or a command that takes none (\frac\pi2; \sqrt\frac12 is not \sqrt{\frac})
+_ARG = r"([0-9A-Za-z]|\\(?!frac|sqrt|binom)[A-Za-z]+(?![A-Za-z]))"
+_BRACE_ARGS = [  # \frac12 -> \frac{1}{2}, \frac\pi2 -> \frac{\pi}{2}, \sqrt2 -> \sqrt{2}, x^{2} -> x^2
+    (re.compile(rf"\\frac{_ARG}{_ARG}"), r"\\frac{\1}{\2}"),
+    (re.compile(rf"\\frac{_ARG}\{{"), r"\\frac{\1}{"),
+    (re.compile(rf"\\frac(\{{[^{{}}]*\}}){_ARG}"), r"\\frac\1{\2}"),
+    (re.compile(rf"\\sqrt{_ARG}"), r"\\sqrt{\1}"),
     (re.compile(r"([_^])\{(\w)\}"), r"\1\2"),
 ]
 _PIECES = re.compile(r"(,|\(|\)|\[|\]|\\\{|\\\}|\\\\|&|\\begin\{\w*\}|\\end\{\w*\}|\\cup)")
@@ -167,11 +169,12 @@ _RATIONAL = [
 def normalize_answer(s):
     """The canonical form of an answer string: LaTeX spacing, \\left/\\right, $, %, degrees,
     \\text{} wrappers and trailing units (in \\text, or bare words after a number: "18 dollars"), a
-    leading `x =` or `(a, b) =`, thousands separators (`{,}` anywhere, commas in a lone number only)
-    and a trailing period go; an option letter boxed with its text ("(C) 12") is the letter;
-    \\dfrac/\\tfrac -> \\frac with braced arguments, and a symbol over a whole number or a whole number
-    over a symbol too (\\pi/2, 3\\sqrt{3}/4, 20000/\\pi), with the minus of a top of one term in front
-    (\\frac{-\\pi}{6}); bmatrix and plain matrix -> pmatrix; every number that stands alone (the whole
+    leading `x =` or `(a, b) =`, braces around the whole answer ({18}), thousands separators (`{,}`
+    anywhere, commas in a lone number only) and a trailing period go; an option letter boxed with its
+    text ("(C) 12") is the letter; \\dfrac/\\tfrac -> \\frac with braced arguments (\\frac\\pi2 is
+    \\frac{\\pi}{2}), and a symbol over a whole number or a whole number over a symbol too (\\pi/2,
+    3\\sqrt{3}/4, 20000/\\pi), with the minus of a top of one term in front (\\frac{-\\pi}{6});
+    bmatrix and plain matrix -> pmatrix; every number that stands alone (the whole
     answer, or one entry of a tuple, interval or matrix) becomes an integer or a reduced "p/q".
     A bare list (commas outside any bracket: the solutions of an equation, "1, -2") is a set, and its
     entries are sorted, with "a \\pm b" as its two entries; so is a set in braces (\\{-2, 1\\}), and an
@@ -184,6 +187,8 @@ def normalize_answer(s):
         return s
     for pattern, repl in _NOISE:
         s = pattern.sub(repl, s)
+    while s.startswith("{") and _braced_group(s, 1) == s[1:-1]:  # {18}, {{18}}: braces around the whole
+        s = s[1:-1].strip()
     unit = _UNIT.search(s)
     if unit and s[:unit.start()].strip():  # "5\text{ cm}" -> "5", but "\text{Evelyn}" stays
         s = s[:unit.start()]
