@@ -125,6 +125,8 @@ def gold_answer(row):
 # -----------------------------------------------------------------------------
 # one canonical form for answers
 
+_UNICODE = str.maketrans({"\u2212": "-", "\u03c0": r"\pi", "\u221a": r"\sqrt", "\u221e": r"\infty",
+                          "\u00d7": r"\times", "\u00b7": r"\cdot"})  # − π √ ∞ × · as LaTeX writes them
 _NOISE = [  # (pattern, replacement), applied in order
     (re.compile(r"\\(?:left|right)(?![A-Za-z])\.?"), ""),
     (re.compile(r"\\[dtc]frac(?![A-Za-z])"), r"\\frac"),
@@ -139,6 +141,7 @@ _NOISE = [  # (pattern, replacement), applied in order
 _UNIT = re.compile(r"\\text\{\s*[A-Za-z][A-Za-z .'/]*\}(?:\^\{?\d\}?)?\.?\s*$")  # km/h, people's; a period after
 # 5 cm, 12 square feet, 18 Dollars, 18 USD, 18 dollars per day (not 3 PM: 3 AM is another answer)
 _BARE_UNIT = re.compile(r"(?<=[\d}])\s+(?:(?:[A-Za-z][a-z]+|[A-Z]{3})\s*){1,3}(?:\^\{?\d\}?)?\.?\s*$")
+_AND = re.compile(r"(?:\s*,)?\s+and\s+")
 _LEADING_NAME = re.compile(r"^(?P<name>(?:[A-Za-z]|\\[A-Za-z]+|\((?:\s*[A-Za-z]\s*,)+\s*[A-Za-z]\s*\))"
                            r"(?:_\{?\w+\}?)?)\s*(?:=|\\in(?![A-Za-z]))\s*(?=\S)")  # x =, \theta =, x \in, (a, b) =
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
@@ -176,7 +179,8 @@ def normalize_answer(s):
     3\\sqrt{3}/4, 20000/\\pi), with the minus of a top of one term in front (\\frac{-\\pi}{6});
     bmatrix and plain matrix -> pmatrix; every number that stands alone (the whole
     answer, or one entry of a tuple, interval or matrix) becomes an integer or a reduced "p/q".
-    A bare list (commas outside any bracket: the solutions of an equation, "1, -2") is a set, and its
+    Unicode's − π √ ∞ × · are read as their LaTeX. A bare list (commas outside any bracket, or
+    entries joined by "and": the solutions of an equation, "1, -2", "1 and -2") is a set, and its
     entries are sorted, with "a \\pm b" as its two entries; so is a set in braces (\\{-2, 1\\}), and an
     entry that names the first entry's variable again loses the name too (x = 1, x = -2); tuples,
     intervals and matrices keep their order. Signs, brackets and radicals are kept: it is a normal
@@ -185,6 +189,7 @@ def normalize_answer(s):
     s = s.strip()
     if len(s) > MAX_BOX_CHARS:  # not an answer; compared verbatim, which bounds the time
         return s
+    s = s.translate(_UNICODE)
     for pattern, repl in _NOISE:
         s = pattern.sub(repl, s)
     while s.startswith("{") and _braced_group(s, 1) == s[1:-1]:  # {18}, {{18}}: braces around the whole
@@ -193,6 +198,7 @@ def normalize_answer(s):
     if unit and s[:unit.start()].strip():  # "5\text{ cm}" -> "5", but "\text{Evelyn}" stays
         s = s[:unit.start()]
     s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
+    s = _AND.sub(",", s)  # "2 and 3", "3, 5, and 7": a list
     s = _BARE_UNIT.sub("", s)  # unit words with no \\text: "18 dollars" -> "18"
     named = _LEADING_NAME.match(s.strip())  # x in "x = 1, x = -2": each entry's name goes below
     name = named and re.sub(r"\s+", "", named["name"])
