@@ -141,6 +141,8 @@ _NOISE = [  # (pattern, replacement), applied in order
 _UNIT = re.compile(r"\\text\{\s*[A-Za-z][A-Za-z .'/]*\}(?:\^\{?\d\}?)?\.?\s*$")  # km/h, people's; a period after
 # 5 cm, 12 square feet, 18 Dollars, 18 USD, 18 dollars per day (not 3 PM: 3 AM is another answer)
 _BARE_UNIT = re.compile(r"(?<=[\d}])\s+(?:(?:[A-Za-z][a-z]+|[A-Z]{3})\s*){1,3}(?:\^\{?\d\}?)?\.?\s*$")
+_TEXT = re.compile(r"\\text\{")
+_WRAP = re.compile(r"(?:\\text)?\{")  # around the whole answer
 _AND = re.compile(r"(?:\s*,)?\s+and\s+")
 _LEADING_NAME = re.compile(r"^(?P<name>(?:[A-Za-z]|\\[A-Za-z]+|\((?:\s*[A-Za-z]\s*,)+\s*[A-Za-z]\s*\))"
                            r"(?:_\{?\w+\}?)?)\s*(?:=|\\in(?![A-Za-z]))\s*(?=\S)")  # x =, \theta =, x \in, (a, b) =
@@ -171,14 +173,15 @@ _RATIONAL = [
 
 def normalize_answer(s):
     """The canonical form of an answer string: LaTeX spacing, \\left/\\right, $, %, degrees,
-    \\text{} wrappers and trailing units (in \\text, or bare words after a number: "18 dollars"), a
-    leading `x =` or `(a, b) =`, braces around the whole answer ({18}), thousands separators (`{,}`
-    anywhere, commas in a lone number only) and a trailing period go; an option letter boxed with its
-    text ("(C) 12") is the letter; \\dfrac/\\tfrac -> \\frac with braced arguments (\\frac\\pi2 is
-    \\frac{\\pi}{2}), and a symbol over a whole number or a whole number over a symbol too (\\pi/2,
-    3\\sqrt{3}/4, 20000/\\pi), with the minus of a top of one term in front (\\frac{-\\pi}{6});
-    bmatrix and plain matrix -> pmatrix; every number that stands alone (the whole
-    answer, or one entry of a tuple, interval or matrix) becomes an integer or a reduced "p/q".
+    \\text{} wrappers (braces inside them too) and trailing units (in \\text, or bare words after a
+    number: "18 dollars"), a leading `x =` or `(a, b) =`, braces around the whole answer ({18},
+    \\textbf{18}), thousands separators (`{,}` anywhere, commas in a lone number only) and a trailing
+    period go; an option letter boxed with its text ("(C) 12") is the letter; \\dfrac/\\tfrac ->
+    \\frac with braced arguments (\\frac\\pi2 is \\frac{\\pi}{2}), and a symbol over a whole number or a
+    whole number over a symbol too (\\pi/2, 3\\sqrt{3}/4, 20000/\\pi), with the minus of a top of one
+    term in front (\\frac{-\\pi}{6}); bmatrix and plain matrix -> pmatrix; every number that stands
+    alone (the whole answer, or one entry of a tuple, interval or matrix) becomes an integer or a
+    reduced "p/q".
     Unicode's − π √ ∞ × · are read as their LaTeX. A bare list (commas outside any bracket, or
     entries joined by "and": the solutions of an equation, "1, -2", "1 and -2") is a set, and its
     entries are sorted, with "a \\pm b" as its two entries; so is a set in braces (\\{-2, 1\\}), and an
@@ -192,12 +195,14 @@ def normalize_answer(s):
     s = s.translate(_UNICODE)
     for pattern, repl in _NOISE:
         s = pattern.sub(repl, s)
-    while s.startswith("{") and _braced_group(s, 1) == s[1:-1]:  # {18}, {{18}}: braces around the whole
-        s = s[1:-1].strip()
+    while (wrap := _WRAP.match(s)) and _braced_group(s, wrap.end()) == s[wrap.end():-1]:  # {18}, \text{18}
+        s = s[wrap.end():-1].strip()
     unit = _UNIT.search(s)
-    if unit and s[:unit.start()].strip():  # "5\text{ cm}" -> "5", but "\text{Evelyn}" stays
+    before = s[:unit.start()].strip() if unit else ""
+    if before and not before.endswith("="):  # "5\text{ cm}" -> "5", but "\text{Evelyn}", "x = \text{Evelyn}" stay
         s = s[:unit.start()]
-    s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
+    while (text := _TEXT.search(s)) and (inside := _braced_group(s, text.end())) is not None:
+        s = s[:text.start()] + inside + s[text.end() + len(inside) + 1:]  # \text{\frac{14}{3}}: braces inside too
     s = _AND.sub(",", s)  # "2 and 3", "3, 5, and 7": a list
     s = _BARE_UNIT.sub("", s)  # unit words with no \\text: "18 dollars" -> "18"
     named = _LEADING_NAME.match(s.strip())  # x in "x = 1, x = -2": each entry's name goes below

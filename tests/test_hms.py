@@ -60,6 +60,9 @@ EQUAL = [
     ("1,-2", "x = 1, x = -2"), ("1,-2", r"x \in \{-2, 1\}"),
     # a fraction's sign before it or on its top; a whole number over a symbol written with a slash
     (r"-\frac{\pi}{6}", r"\frac{-\pi}{6}"), (r"\frac{20000}{\pi}", r"20000/\pi"),
+    # a \text wrapper with braces inside, or around the whole answer with its unit; a name before a \text answer
+    (r"\frac{14}{3}", r"\mathbf{\frac{14}{3}}"), ("4210_{5}", r"\text{4210_{5}}"), (r"15\mbox{ cm}^2", r"\mathbf{15\mbox{ cm}^2}"),
+    (r"\text{Evelyn}", r"x = \text{Evelyn}"), (r"\text{(C)}", r"\textbf{\text{(C)}}"),
 ]
 
 # (gold answer as it appears in the data, a different answer that must stay different)
