@@ -137,6 +137,8 @@ _NOISE = [  # (pattern, replacement), applied in order
     (re.compile(r"(?<!\\)\\[,;: >]|~|\\q?quad|\\displaystyle"), " "),  # (?<!\\): keep matrix rows \\
     (re.compile(r"\\?\$|\\?%"), ""),
     (re.compile(r"\\(?:mbox|textrm|textbf|textnormal|mathrm|mathbf)\{"), r"\\text{"),
+    (re.compile(r"(?<![^\s,(\[])\+(?=\s*\\infty)"), ""),  # [2, +\infty): an interval's end, no sum
+    (re.compile(r"\\varnothing(?![A-Za-z])|\\\{\s*\\\}"), r"\\emptyset"),  # one name for the empty set
 ]
 _UNIT = re.compile(r"\\text\{\s*[A-Za-z][A-Za-z .'/]*\}(?:\^\{?\d\}?)?\.?\s*$")  # km/h, people's; a period after
 # 5 cm, 12 square feet, 18 Dollars, 18 USD, 18 dollars per day (not 3 PM: 3 AM is another answer)

@@ -63,6 +63,8 @@ EQUAL = [
     # a \text wrapper with braces inside, or around the whole answer with its unit; a name before a \text answer
     (r"\frac{14}{3}", r"\mathbf{\frac{14}{3}}"), ("4210_{5}", r"\text{4210_{5}}"), (r"15\mbox{ cm}^2", r"\mathbf{15\mbox{ cm}^2}"),
     (r"\text{Evelyn}", r"x = \text{Evelyn}"), (r"\text{(C)}", r"\textbf{\text{(C)}}"),
+    # an interval's end written +\infty
+    (r"(2,\infty)", r"(2, +\infty)"), (r"(-\infty, 2) \cup (3, \infty)", r"(-\infty,2)\cup(3,+\infty)"),
 ]
 
 # (gold answer as it appears in the data, a different answer that must stay different)
@@ -119,7 +121,9 @@ def test_canonical_numeric_form():
     # a set in braces is one (\{2, 1\}: 1 and 2); a union of two is not
     assert normalize_answer(r"\{2, 1\}") == "1,2" and normalize_answer(r"\{(2, 1), 0\}") == "(2,1),0"
     assert normalize_answer(r"\{2\} \cup \{1\}") == r"\{2\}\cup\{1\}"
-    assert normalize_answer(r"\{\}") == r"\{\}"  # the empty set is an answer, not nothing
+    # the empty set is an answer, not nothing, under any of its names
+    assert normalize_answer(r"\{\}") == normalize_answer(r"\{ \}") == normalize_answer(r"\varnothing") == r"\emptyset"
+    assert normalize_answer("1+\\infty") != normalize_answer("1\\infty")  # a sum keeps its plus
     assert normalize_answer("3 PM") != normalize_answer("3 AM")  # two capitals are no unit word
     # a sign leaves a fraction's top of one term only; a slash binds a number to the symbol after it, not 2x
     assert normalize_answer(r"\frac{-x-1}{y}") != normalize_answer(r"-\frac{x-1}{y}")
