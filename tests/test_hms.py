@@ -1,13 +1,14 @@
 """Tests for hms.py: answer extraction and normalisation on real benchmark answers, and the
 pseudo-label selectors on examples worked out by hand."""
 import json
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from hms import (SELECTORS, _simulate, answer_of, cross_select, extract_answer, extract_choice,
+from hms import (SELECTORS, _simulate, answer_of, cross_select, extract_answer, extract_choice, gold_answer,
                  harmonic_mean_select, hms_scores, majority_vote, normalize_answer,
                  pooled_majority_vote, select_labels)
 
@@ -183,6 +184,39 @@ def test_every_math500_answer_round_trips_through_a_box():
         assert extracted == ans
         assert normalize_answer(extracted) == normalize_answer(ans) != ""
         assert normalize_answer(normalize_answer(ans)) == normalize_answer(ans)  # a label re-normalises to itself
+
+
+# ways a model writes the same answer as the gold's: (name, rewrite), rewrite giving None where it does not apply
+REWRITES = [
+    ("in dollar signs", lambda a: f"${a}$"),
+    ("a period after", lambda a: a + "."),
+    ("spaces around", lambda a: f"  {a} "),
+    ("braces around", lambda a: "{" + a + "}"),
+    ("bold", lambda a: r"\textbf{" + a + "}"),
+    ("displaystyle", lambda a: r"\displaystyle " + a),
+    ("\\dfrac", lambda a: a.replace(r"\frac", r"\dfrac")),
+    ("\\left( \\right)", lambda a: re.sub(r"([(\[])", r"\\left\1", re.sub(r"([)\]])", r"\\right\1", a))),
+    ("named", lambda a: None if "=" in a else "x = " + a),
+    ("Unicode minus and pi", lambda a: a.replace("-", "\u2212").replace(r"\pi", "\u03c0")),
+    ("+\\infty", lambda a: re.sub(r"(?<![-\w])\\infty", r"+\\infty", a)),
+    # whole numbers: thin spaces between thousands, a unit, a decimal point
+    ("thin spaces", lambda a: re.sub(r"\B(?=(\d{3})+$)", r"\\,", a) if re.fullmatch(r"\d{4,}", a) else None),
+    ("a unit", lambda a: a + r"\text{ units}" if re.fullmatch(r"-?\d+", a) else None),
+    ("point zero", lambda a: a + ".0" if re.fullmatch(r"-?\d+", a) else None),
+]
+
+
+@pytest.mark.parametrize("name", ["math500.jsonl", "gsm8k.jsonl", "aime24.jsonl", "amc.jsonl"])
+def test_gold_answers_rewritten_as_a_model_might_keep_their_normal_form(name):
+    changed = 0
+    for row in read_jsonl(name):
+        gold = gold_answer(row)
+        for how, rewrite in REWRITES:
+            other = rewrite(row["answer"])
+            if other is not None and other != row["answer"]:
+                changed += 1
+                assert normalize_answer(other) == gold, (how, row["answer"], other)
+    assert changed >= 3 * len(read_jsonl(name))  # the rewrites did rewrite
 
 
 def test_extract_answer_cases():
