@@ -368,8 +368,9 @@ def bench_update(args):
         try:
             with autocast:
                 estimate = grpo.activation_estimate(model)(budget)
-                if gpu or args.compile:  # kernels, the allocator's pool and the compilation, on two rows
-                    run(head(batch, 2))
+                if gpu or args.compile:  # kernels, the allocator's pool and the compilation, on one row, then two:
+                    run(head(batch, 1))  # torch.compile specialises a size of 1, and the timed step's last
+                    run(head(batch, 2))  # micro-batch may hold one row (it did: a recompilation inside the timing)
                 if gpu:
                     torch.cuda.reset_peak_memory_stats()
                     torch.cuda.reset_accumulated_memory_stats()  # the retries counted below: the timed step's

@@ -393,7 +393,8 @@ def compile_layers(model):
     between its matmuls. Module hooks (FSDP's) run in __call__, outside, in eager code; checkpointing is
     compiled with the layer where transformers puts it in forward (5.2x) and stays outside where it wraps
     __call__ (5.17): both tested. One compilation serves every layer and every micro-batch shape (dynamic
-    shapes); the recomputation under checkpointing and a no-grad forward (the reference) get one each.
+    shapes) of two rows or more, and another one a micro-batch of one row (torch specialises a size of 1);
+    the recomputation under checkpointing and a no-grad forward (the reference) get their own.
     The gradient is the eager one up to rounding (tests/test_grpo.py). Call it after copying model (the
     reference, the sampling copy): a copy would call the original's layers; and after shard(): FSDP2
     gives each layer a subclass, whose forward transformers 5.2x wraps again, and only the outermost
