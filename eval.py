@@ -412,6 +412,13 @@ def number(kind, low=None, high=None, above=False):
     return parse
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's help with each flag's default after it, unless its help speaks of the default itself."""
+
+    def _get_help_string(self, action):
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
+
 def numbers(kind, low=None, high=None, count=None):
     """An argparse type: comma-separated `number`s ("64,256,512"), exactly `count` of them if count is set."""
     one, name = number(kind, low, high), "integers" if kind is int else "numbers"
@@ -425,7 +432,7 @@ def numbers(kind, low=None, high=None, count=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a model on a benchmark: mean@k, maj@k, pass@k, greedy.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+                                formatter_class=DefaultsHelp, allow_abbrev=False)
     # model
     p.add_argument("--model", default="smollm2", help="hub id, local folder, .gguf file, 'smollm2' or 'tiny'")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -433,7 +440,7 @@ def main(argv=None):
     # data
     p.add_argument("--data", default="math500", help=f"one of {', '.join([*FILES, 'arith'])}, or a .jsonl path")
     p.add_argument("--data-dir", default=None, help="folder of the benchmark files (default: $SELFHARMONY_DATA)")
-    p.add_argument("--limit", type=number(int, 1), default=None, help="evaluate only the first N questions")
+    p.add_argument("--limit", type=number(int, 1), default=None, help="evaluate only the first N questions (default: all)")
     p.add_argument("--arith-n", type=number(int, 1), default=16, help="arith: number of questions")
     p.add_argument("--arith-seed", type=int, default=0, help="arith: seed of the generated questions")
     p.add_argument("--arith-level", type=number(int, 1, 3), default=1, help="arith: 1 one-digit sums, 2 two-digit +/-, 3 two steps")

@@ -620,6 +620,17 @@ def test_eval_bad_numbers_are_one_line_from_the_parser(capsys, argv, says):
     assert e.value.code == 2 and says in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+
+
+def test_help_states_each_default_once(capsys):
+    # argparse adds "(default: X)" to every flag; where the help says the default in words it would say it twice
+    import eval as ev
+    for main in (selfharmony.main, ev.main):
+        with pytest.raises(SystemExit) as e:
+            main(["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert e.value.code == 0 and "(default: 16)" in text  # the defaults are there
+        assert "(default: None)" not in text and not re.search(r"default[^()]*\)\s*\(default", text)
 def test_nan_updates_are_skipped_then_the_run_stops_without_saving(tmp_path):
     # lr 1e20: the first update (weight decay alone) blows the weights up, every later gradient is NaN
     with pytest.raises(SystemExit) as e:
