@@ -440,7 +440,8 @@ def main(argv=None):
     # data
     p.add_argument("--data", default="math500", help=f"one of {', '.join([*FILES, 'arith'])}, or a .jsonl path")
     p.add_argument("--data-dir", default=None, help="folder of the benchmark files (default: $SELFHARMONY_DATA)")
-    p.add_argument("--limit", type=number(int, 1), default=None, help="evaluate only the first N questions (default: all)")
+    p.add_argument("--limit", type=number(int, 1), default=None,
+                   help="evaluate only the first N questions (default: all)")
     p.add_argument("--arith-n", type=number(int, 1), default=16, help="arith: number of questions")
     p.add_argument("--arith-seed", type=int, default=0, help="arith: seed of the generated questions")
     p.add_argument("--arith-level", type=number(int, 1, 3), default=1, help="arith: 1 one-digit sums, 2 two-digit +/-, 3 two steps")

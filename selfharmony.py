@@ -55,8 +55,8 @@ import engine
 import grpo
 import hms
 import rewards
-from eval import (DefaultsHelp, evaluate, format_question, load_benchmark, number, prompt_ids, solver_messages,
-                  summarize_records)
+from eval import (DefaultsHelp, evaluate, format_question, load_benchmark, number, prompt_ids,
+                  solver_messages, summarize_records)
 from sample import (check_device, default_kv_budget_gb, finished, generate, kv_bytes_per_token, load_model,
                     rows_for_budget, sampling_copy, stop_ids, sync_sampling_copy)
 
@@ -97,7 +97,8 @@ def make_parser():
                    help="benchmark name, 'arith', or a .jsonl file in the schema")
     p.add_argument("--data-dir", default=None,
                    help="folder of the benchmark files (default: $SELFHARMONY_DATA)")
-    p.add_argument("--limit", type=number(int, 1), default=None, help="train on the first N questions only (default: all)")
+    p.add_argument("--limit", type=number(int, 1), default=None,
+                   help="train on the first N questions only (default: all)")
     p.add_argument("--arith-n", type=number(int, 1), default=16, help="arith: number of questions")
     p.add_argument("--arith-seed", type=int, default=0, help="arith: which question set")
     p.add_argument("--arith-level", type=number(int, 1, 3), default=1,

@@ -62,7 +62,8 @@ EQUAL = [
     # a fraction's sign before it or on its top; a whole number over a symbol written with a slash
     (r"-\frac{\pi}{6}", r"\frac{-\pi}{6}"), (r"\frac{20000}{\pi}", r"20000/\pi"),
     # a \text wrapper with braces inside, or around the whole answer with its unit; a name before a \text answer
-    (r"\frac{14}{3}", r"\mathbf{\frac{14}{3}}"), ("4210_{5}", r"\text{4210_{5}}"), (r"15\mbox{ cm}^2", r"\mathbf{15\mbox{ cm}^2}"),
+    (r"\frac{14}{3}", r"\mathbf{\frac{14}{3}}"), ("4210_{5}", r"\text{4210_{5}}"),
+    (r"15\mbox{ cm}^2", r"\mathbf{15\mbox{ cm}^2}"),
     (r"\text{Evelyn}", r"x = \text{Evelyn}"), (r"\text{(C)}", r"\textbf{\text{(C)}}"),
     # an interval's end written +\infty
     (r"(2,\infty)", r"(2, +\infty)"), (r"(-\infty, 2) \cup (3, \infty)", r"(-\infty,2)\cup(3,+\infty)"),
@@ -84,7 +85,8 @@ DIFFERENT = [
     (r"137 \frac{1}{2}", r"\frac{137}{2}"), (r"1\frac{4}{5}", r"\frac{4}{5}"),
     ("18", "81"), ("2125", "212.5"), ("25", "0.25"), ("-4", "4"), ("58,500", "58.5"), ("1,-2", "1-2"),
     (r"-\frac{\pi}{6}", r"\pi/6"), (r"\frac{3\sqrt{3}}{4}", r"3\sqrt3/5"), ("1,-2", "(1,-2)"),
-    (r"1 \pm \sqrt{19}", r"1+\sqrt{19}"), ("18", "18 and 19"), ("18", "18 k"), (r"\text{(B)}", "(B),(C)"), (r"\text{(B)}", "(B)(C)"),
+    (r"1 \pm \sqrt{19}", r"1+\sqrt{19}"), ("18", "18 and 19"), ("18", "18 k"), (r"\text{(B)}", "(B),(C)"),
+    (r"\text{(B)}", "(B)(C)"),
     ("1,-2", "a = 1, b = -2"),  # two variables named: not the set {1, -2}
 ]
 
