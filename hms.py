@@ -19,7 +19,7 @@ Answers are compared in ONE canonical form (normalize_answer) for votes, rewards
 the release votes on raw strings and grades with a looser check, which splits the votes of equal
 answers written differently. Canonical numbers: an exact rational is written as an integer
 ("25") or a reduced fraction "p/q" ("-3/8"); so 0.5, 1/2, \\frac12 and \\dfrac{1}{2} all become
-"1/2"; 5.0, 025, 5\\text{ cm} and x = 5 become "5"; 1\\frac{4}{5} is read as the mixed number 9/5.
+"1/2"; 5.0, 025, 5\\text{ cm} and x = 5 become "5"; 1\\frac{4}{5} and 1 4/5 are read as the mixed number 9/5.
 Answer extraction is bounded (MAX_BOX_CHARS) and linear, so adversarial text cannot stall it.
 `answer_of` reads a completion's answer to a benchmark row (the loop's votes and eval.py's grades
 alike): the last box, a letter for multiple choice, and for `arith` rows, which ask for the bare
@@ -149,6 +149,7 @@ _AND = re.compile(r"(?:\s*,)?\s+and\s+")
 _LEADING_NAME = re.compile(r"^(?P<name>(?:[A-Za-z]|\\[A-Za-z]+|\((?:\s*[A-Za-z]\s*,)+\s*[A-Za-z]\s*\))"
                            r"(?:_\{?\w+\}?)?)\s*(?:=|\\in(?![A-Za-z]))\s*(?=\S)")  # x =, \theta =, x \in, (a, b) =
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_MIXED = re.compile(r"(?<![\w.])(\d+)\s+(\d+)/(\d+)(?![\w./])")  # 2 1/2: a whole number, a space, a fraction
 # an unbraced argument: one character, or a command that takes none (\frac\pi2; \sqrt\frac12 is not \sqrt{\frac})
 _ARG = r"([0-9A-Za-z]|\\(?!frac|sqrt|binom)[A-Za-z]+(?![A-Za-z]))"
 _BRACE_ARGS = [  # \frac12 -> \frac{1}{2}, \frac\pi2 -> \frac{\pi}{2}, \sqrt2 -> \sqrt{2}, x^{2} -> x^2
@@ -212,6 +213,7 @@ def normalize_answer(s):
     s = _LEADING_NAME.sub("", s.strip()).strip().rstrip(".").strip()
     if _THOUSANDS.fullmatch(s):  # only a lone number: "(1,2)" and "1, 2" keep their commas
         s = s.replace(",", "")
+    s = _MIXED.sub(r"\1\\frac{\2}{\3}", s)  # read as 2\frac{1}{2} below: 5/2, not the 21/2 the spaces' removal makes
     s = re.sub(r"\s+", "", s)
     for pattern, repl in _BRACE_ARGS:
         s = pattern.sub(repl, s)

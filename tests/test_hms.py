@@ -118,6 +118,10 @@ def test_canonical_numeric_form():
     # no number over 0, and no mixed number whose fraction is 1 or more: left as written
     assert [normalize_answer(s) for s in ["1/0", r"\frac{1}{0}", r"2\frac{3}{3}", r"2\frac{3}{2}", r"1\frac{1}{2}"]] == \
         ["1/0", r"\frac{1}{0}", r"2\frac{3}{3}", r"2\frac{3}{2}", "3/2"]
+    # a mixed number written with a space is one too, not the whole number run into the fraction's top
+    assert [normalize_answer(s) for s in ["2 1/2", "-137 1/2", "1 1/2 cups", "(1 1/2, 3)", "2 3/2"]] == \
+        ["5/2", "-275/2", "3/2", "(3/2,3)", r"2\frac{3}{2}"]
+    assert normalize_answer("2 1/2") != normalize_answer("21/2")
     # a bare list is a set of solutions: one order; inside brackets the order stays
     assert normalize_answer("2, 1/2, -1") == "-1,1/2,2" and normalize_answer("(2, 1), 0") == "(2,1),0"
     assert normalize_answer("[3,1)") == "[3,1)"
