@@ -145,7 +145,7 @@ _UNIT = re.compile(r"\\text\{\s*[A-Za-z][A-Za-z .'/]*\}(?:\^\{?\d\}?)?\.?\s*$") 
 _BARE_UNIT = re.compile(r"(?<=[\d}])\s+(?:(?:[A-Za-z][a-z]+|[A-Z]{3})\s*){1,3}(?:\^\{?\d\}?)?\.?\s*$")
 _TEXT = re.compile(r"\\text\{")
 _WRAP = re.compile(r"(?:\\text)?\{")  # around the whole answer
-_AND = re.compile(r"(?:\s*,)?\s+and\s+")
+_AND = re.compile(r"(?:\s*,)?\s+(?:and|or)\s+")  # 3, 5, and 7; x = 4 or x = 6
 _LEADING_NAME = re.compile(r"^(?P<name>(?:[A-Za-z]|\\[A-Za-z]+|\((?:\s*[A-Za-z]\s*,)+\s*[A-Za-z]\s*\))"
                            r"(?:_\{?\w+\}?)?)\s*(?:=|\\in(?![A-Za-z]))\s*(?=\S)")  # x =, \theta =, x \in, (a, b) =
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
@@ -186,7 +186,7 @@ def normalize_answer(s):
     alone (the whole answer, or one entry of a tuple, interval or matrix) becomes an integer or a
     reduced "p/q".
     Unicode's − π √ ∞ × · are read as their LaTeX. A bare list (commas outside any bracket, or
-    entries joined by "and": the solutions of an equation, "1, -2", "1 and -2") is a set, and its
+    entries joined by "and" or "or": the solutions of an equation, "1, -2", "1 and -2") is a set, and its
     entries are sorted, with "a \\pm b" as its two entries; so is a set in braces (\\{-2, 1\\}), and an
     entry that names the first entry's variable again loses the name too (x = 1, x = -2); tuples,
     intervals and matrices keep their order. Signs, brackets and radicals are kept: it is a normal
@@ -206,7 +206,7 @@ def normalize_answer(s):
         s = s[:unit.start()]
     while (text := _TEXT.search(s)) and (inside := _braced_group(s, text.end())) is not None:
         s = s[:text.start()] + inside + s[text.end() + len(inside) + 1:]  # \text{\frac{14}{3}}: braces inside too
-    s = _AND.sub(",", s)  # "2 and 3", "3, 5, and 7": a list
+    s = _AND.sub(",", s)  # "2 and 3", "3, 5, and 7", "4 or 6": a list
     s = _BARE_UNIT.sub("", s)  # unit words with no \\text: "18 dollars" -> "18"
     named = _LEADING_NAME.match(s.strip())  # x in "x = 1, x = -2": each entry's name goes below
     name = named and re.sub(r"\s+", "", named["name"])

@@ -170,14 +170,16 @@ def test_unbraced_arguments_and_braces_around_the_whole():
     assert normalize_answer("{1}{2}") == "{1}{2}" and normalize_answer("{}") == ""
 
 
-def test_unicode_symbols_and_lists_joined_by_and():
+def test_unicode_symbols_and_lists_joined_by_and_or_or():
     same = [("-5", "\u22125"), (r"2\pi", "2\u03c0"), (r"\frac{\pi}{2}", "\u03c0/2"), (r"\sqrt{3}", "\u221a3"),
             (r"(-\infty, 0]", "(-\u221e, 0]"), (r"2\times10^3", "2\u00d710^3"), (r"a\cdot b", "a\u00b7b"),
-            ("3, 5, 7", "3, 5, and 7", "7, 3 and 5", r"3, 5 \text{ and } 7"), ("2, 3", "x = 2 and x = 3")]
+            ("3, 5, 7", "3, 5, and 7", "7, 3 and 5", r"3, 5 \text{ and } 7"), ("2, 3", "x = 2 and x = 3"),
+            ("4, 6", "4 or 6", r"x = 6 \text{ or } x = 4", r"x=4 \quad\text{or}\quad x=6"), ("3, 5, 7", "3, 5, or 7")]
     for forms in same:
         assert {normalize_answer(s) for s in forms} == {normalize_answer(forms[0])}, forms
-    # "and" joins entries only as a word between them
-    for a, b in [("18", "18 and 19"), ("2,3", r"2\land3"), ("3", "and 3"), ("b,3", "band 3")]:
+    # "and" / "or" joins entries only as a word between them
+    for a, b in [("18", "18 and 19"), ("2,3", r"2\land3"), ("3", "and 3"), ("b,3", "band 3"), ("18", "18 or 19"),
+                 ("4,6", "4or6"), ("2,3", r"2\lor3")]:
         assert normalize_answer(a) != normalize_answer(b)
 
 
