@@ -160,11 +160,13 @@ def test_unbraced_arguments_and_braces_around_the_whole():
     # an argument may be a command (\frac\pi2), taken whole: \frac\pi{2} is not \frac{\p}{i}{2}
     same = [(r"\frac{\pi}{2}", r"\frac\pi2", r"\dfrac\pi{2}", r"\frac \pi 2", r"\frac{\pi}2"),
             (r"2\frac{1}{\pi}", r"2\frac1\pi"), (r"\frac{\alpha}{\beta}", r"\frac\alpha\beta"),
-            (r"\sqrt{\pi}", r"\sqrt\pi"),
+            (r"\sqrt{\pi}", r"\sqrt\pi"), (r"2\sqrt[3]{4}", r"2\sqrt[3]4", r"2 \sqrt[3] 4"),
+            (r"\sqrt[n]{x}", r"\sqrt[n]x"),
             ("18", "{18}", "{{ 18 }}"), ("1/2", r"{\frac12}"), ("3,5,7", "{7, 3, 5}")]
     for forms in same:
         assert {normalize_answer(s) for s in forms} == {normalize_answer(forms[0])}, forms
     assert normalize_answer(r"\frac\pi{2}") != normalize_answer(r"\frac{\p}{i}{2}")
+    assert normalize_answer(r"\sqrt[3]{4}") != normalize_answer(r"\sqrt{4}")  # the index stays
     # a command that takes arguments is no argument; {1}{2} is two groups, not one
     assert normalize_answer(r"\sqrt\frac12") == r"\sqrt\frac{1}{2}"
     assert normalize_answer("{1}{2}") == "{1}{2}" and normalize_answer("{}") == ""
