@@ -185,7 +185,7 @@ def normalize_answer(s):
     whole number over a symbol too (\\pi/2, 3\\sqrt{3}/4, 20000/\\pi), with the minus of a top of one
     term in front (\\frac{-\\pi}{6}); bmatrix and plain matrix -> pmatrix; every number that stands
     alone (the whole answer, or one entry of a tuple, interval or matrix) becomes an integer or a
-    reduced "p/q".
+    reduced "p/q", and every word that stands alone is in lower case (East, east; not AB or ABC).
     Unicode's − π √ ∞ × · are read as their LaTeX. A bare list (commas outside any bracket, or
     entries joined by "and" or "or": the solutions of an equation, "1, -2", "1 and -2") is a set, and its
     entries are sorted, with "a \\pm b" as its two entries; so is a set in braces (\\{-2, 1\\}), and an
@@ -271,7 +271,10 @@ def _top_level_split(s):
 def _canonical_piece(piece):
     """One entry of an answer: a symbol over a whole number, or a whole number over a symbol, as a \\frac
     (models write \\pi/2 and \\frac{\\pi}{2} alike), the sign of a fraction's top in front of it
-    (\\frac{-\\pi}{6} is -\\frac{\\pi}{6}), a number in its canonical form, anything else unchanged."""
+    (\\frac{-\\pi}{6} is -\\frac{\\pi}{6}), a number in its canonical form, a word in lower case (East is
+    east: a word of three letters or more, capitalised or not; AB and ABC stay), anything else unchanged."""
+    if re.fullmatch(r"[A-Z]?[a-z]{2,}", piece):
+        return piece.lower()
     m = _NEGATIVE_TOP.fullmatch(piece)
     piece = rf"-\frac{{{m['p']}}}{{{m['q']}}}" if m else piece
     for pattern in _SLASHES:

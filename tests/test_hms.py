@@ -38,6 +38,7 @@ EQUAL = [
     ("x=5", "5"), ("x=5", "x = 5"), ("(-2,1)", "(a,b) = (-2,1)"), ("(6,31,-1)", "(p, q, r) = (6, 31, -1)"), (r"x \in [-2,7]", "[-2, 7]"), ("y = -2x", "-2x"), ("y = 2x + 3", "2x+3"),
     (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})"), (r"\left( \frac{3}{2}, -13 \right)", "(1.5,-13)"),
     (r"\left(\frac{3}{5},\frac{8}{3}\right]", r"(0.6, \frac83]"), (r"(-\infty, 0]", r"\left(-\infty,0\right]"),
+    (r"\text{east}", "East"), (r"\text{even}", r"\textbf{Even}"), (r"\text{Evelyn}", "evelyn"),
     (r"\text{(B)}", "B"), (r"\text{(C)}", "(C)"), (r"\text{(C)}", r"\text{(C) } 12"), (r"\text{(E)}", r"(E)\ \frac{1}{2}"), (r"\text{Evelyn}", "Evelyn"), (r"\text{east}", "east"),
     (r"11\sqrt2", r"11\sqrt{2}"), (r"137 \frac{1}{2}", "137.5"), (r"1\frac{4}{5}", "1.8"),
     ("4210_{5}", "4210_5"), ("2516_8", "2516_{8}"), (".35625", "0.35625"), (".0000672", r"\frac{42}{625000}"),
@@ -132,6 +133,9 @@ def test_canonical_numeric_form():
     assert normalize_answer(r"\{\}") == normalize_answer(r"\{ \}") == normalize_answer(r"\varnothing") == r"\emptyset"
     assert normalize_answer("1+\\infty") != normalize_answer("1\\infty")  # a sum keeps its plus
     assert normalize_answer("3 PM") != normalize_answer("3 AM")  # two capitals are no unit word
+    # a word's case goes, a segment's or a triangle's name keeps it: AB is not ab, nor ABC abc
+    assert [normalize_answer(s) for s in ["Evelyn", r"\text{East}", "AB", "ABC", "Ab"]] == \
+        ["evelyn", "east", "AB", "ABC", "Ab"]
     # a sign leaves a fraction's top of one term only; a slash binds a number to the symbol after it, not 2x
     assert normalize_answer(r"\frac{-x-1}{y}") != normalize_answer(r"-\frac{x-1}{y}")
     assert normalize_answer("1/2x") != normalize_answer(r"\frac{1}{2x}")
