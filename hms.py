@@ -145,7 +145,7 @@ _UNIT = re.compile(r"\\text\{\s*[A-Za-z][A-Za-z .'/]*\}(?:\^\{?\d\}?)?\.?\s*$") 
 _BARE_UNIT = re.compile(r"(?<=[\d}])\s+(?:(?:[A-Za-z][a-z]+|[A-Z]{3})\s*){1,3}(?:\^\{?\d\}?)?\.?\s*$")
 _TEXT = re.compile(r"\\text\{")
 _WRAP = re.compile(r"(?:\\text)?\{")  # around the whole answer
-_AND = re.compile(r"(?:\s*,)?\s+(?:and|or)\s+")  # 3, 5, and 7; x = 4 or x = 6
+_AND_OR = re.compile(r"(?:\s*,)?\s+(?:and|or)\s+")  # 3, 5, and 7; x = 4 or x = 6
 _LEADING_NAME = re.compile(r"^(?P<name>(?:[A-Za-z]|\\[A-Za-z]+|\((?:\s*[A-Za-z]\s*,)+\s*[A-Za-z]\s*\))"
                            r"(?:_\{?\w+\}?)?)\s*(?:=|\\in(?![A-Za-z]))\s*(?=\S)")  # x =, \theta =, x \in, (a, b) =
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
@@ -207,7 +207,7 @@ def normalize_answer(s):
         s = s[:unit.start()]
     while (text := _TEXT.search(s)) and (inside := _braced_group(s, text.end())) is not None:
         s = s[:text.start()] + inside + s[text.end() + len(inside) + 1:]  # \text{\frac{14}{3}}: braces inside too
-    s = _AND.sub(",", s)  # "2 and 3", "3, 5, and 7", "4 or 6": a list
+    s = _AND_OR.sub(",", s)  # "2 and 3", "3, 5, and 7", "4 or 6": a list
     s = _BARE_UNIT.sub("", s)  # unit words with no \\text: "18 dollars" -> "18"
     named = _LEADING_NAME.match(s.strip())  # x in "x = 1, x = -2": each entry's name goes below
     name = named and re.sub(r"\s+", "", named["name"])
