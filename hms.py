@@ -156,8 +156,7 @@ _BRACE_ARGS = [  # \frac12 -> \frac{1}{2}, \frac\pi2 -> \frac{\pi}{2}, \sqrt2 ->
     (re.compile(rf"\\frac{_ARG}{_ARG}"), r"\\frac{\1}{\2}"),
     (re.compile(rf"\\frac{_ARG}\{{"), r"\\frac{\1}{"),
     (re.compile(rf"\\frac(\{{[^{{}}]*\}}){_ARG}"), r"\\frac\1{\2}"),
-    (re.compile(rf"\\sqrt{_ARG}"), r"\\sqrt{\1}"),
-    (re.compile(rf"\\sqrt(\[\w+\]){_ARG}"), r"\\sqrt\1{\2}"),  # \sqrt[3]2 -> \sqrt[3]{2}
+    (re.compile(rf"\\sqrt(\[\w+\])?{_ARG}"), r"\\sqrt\1{\2}"),  # \sqrt2, \sqrt[3]2 -> \sqrt{2}, \sqrt[3]{2}
     (re.compile(r"([_^])\{(\w)\}"), r"\1\2"),
 ]
 _PIECES = re.compile(r"(,|\(|\)|\[|\]|\\\{|\\\}|\\\\|&|\\begin\{\w*\}|\\end\{\w*\}|\\cup)")
