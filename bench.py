@@ -5,8 +5,8 @@ top-k / top-p truncation. The columns:
   HF dynamic          model.generate with its default (dynamic) cache;
   HF static+compile   model.generate with a static cache, with which generate torch.compiles its
                       decode forward (CUDA only); compile time is printed on a line of its own;
-  ours eager          sample.generate(engine="eager"), the plain reference loop;
-  ours fast           sample.generate(engine="fast"), engine.py's slot pool and CUDA graphs.
+  ours eager          sample.generate, the plain reference loop;
+  ours fast           engine.generate, engine.py's slot pool and CUDA graphs.
 The figures of each column:
   new/row  mean new tokens a row, up to and including its stop token;
   tok/s    new tokens / wall time (prefill included);
@@ -21,7 +21,7 @@ The figures of each column:
            prompt length and k its new tokens. 1.0 is a perfectly memory-bound decoder.
 ours fast also prints, on a line of its own, where its wall time went (engine.generate's stats):
 prefill, graph capture, and the decode steps' own ms a step with the host's work between them,
-the figure to set beside `engine.py --profile`'s isolated step; and the floor over the decode time
+the figure to set beside --decode-step's isolated step; and the floor over the decode time
 alone (the floor column counts prefill and capture in the wall time).
 
 Cases on a random-weight model (the default on CUDA: Qwen3-1.7B's shapes in bf16), random prompts:
@@ -45,6 +45,8 @@ Cases on a text model (the default on the CPU: SmolLM2-135M-Instruct, float32):
                                                      # tokens/s, model FLOPs utilisation, peak memory
     python bench.py --update --device cuda --profile # and where the time goes: kernels, the GPU's busy share
     python bench.py --device cuda --compile [--update]  # with the decoder layers compiled (torch.compile)
+    python bench.py --device cuda --decode-step 256,512  # one decode step of 256 rows reading 512 columns, as
+                                                     # the engine runs it and with one part changed; its kernels
 """
 
 import argparse
@@ -59,8 +61,13 @@ import transformers
 from transformers import CompileConfig
 
 import engine
-from eval import number, numbers
-from sample import generate, kv_bytes_per_token, left_pad, load_model, stop_ids
+import grpo
+import sample
+import scale
+from models import head_dim, load_model
+from run import number, numbers
+from sample import left_pad, stop_ids
+from scale import kv_bytes_per_token
 
 COLUMNS = ("ours fast", "ours eager", "HF dynamic", "HF static+compile")  # run in this order: slowest last
 SHAPED = ("HF static+compile", "ours fast")  # compiled or graph-captured: they specialise on shapes
@@ -192,9 +199,9 @@ def run_column(column, model, case, pad_id, seed, stats=None):
                                      pad_id, seed + i, static)]
     kw = dict(n=case.n, stop_ids=case.stops, generator=torch.Generator(model.device).manual_seed(seed),
               max_rows=case.max_rows)
-    if column == "ours fast" and stats is not None and engine.supports(model):  # what generate(engine="fast") runs
+    if column == "ours fast":
         return engine.generate(model, case.prompts, case.max_new, stats=stats, **kw)
-    return generate(model, case.prompts, case.max_new, engine=column.removeprefix("ours "), **kw)
+    return sample.generate(model, case.prompts, case.max_new, **kw)
 
 
 def warm_up_on_shapes(column, model, case, pad_id, device):
@@ -209,8 +216,9 @@ def warm_up_on_shapes(column, model, case, pad_id, device):
 
 def columns_to_run(case, gpu, quick):
     """No static+compile off CUDA. --quick (4 GPU minutes) times ours fast on every case, the two
-    host-bound columns (HF dynamic, ours eager: ~100 ms a step) on equal-256 only, and HF
-    static+compile on the ragged case only (its compile alone takes ~50 s)."""
+    host-bound columns (HF dynamic, ours eager: tens of ms a step on the host alone) on equal-256 only,
+    and HF static+compile on the ragged case only (its compile alone takes most of a minute; both
+    figures in docs/MEASURED.md)."""
     columns = set(COLUMNS) if gpu else set(COLUMNS) - {"HF static+compile"}
     if quick:
         ragged = case.name.startswith("ragged")
@@ -263,6 +271,75 @@ def measure(column, model, case, pad_id, seed, w_bytes, kv_bytes, bandwidth, dev
 
 
 # -----------------------------------------------------------------------------
+# --decode-step: where one decode step's time goes
+
+
+def decode_step_variants(model, rows, length):
+    """Milliseconds of one decode step over `rows` slots reading `length` cache columns, as the engine
+    runs it and with one thing changed (another attention, argmax instead of sampling, HF's own RMSNorm
+    modules, a fused model's projections unfused, COMPILE switched); rows all at position length - 9,
+    then (each attention) spread evenly over positions up to there, as on ragged rows. Each with its
+    logits' largest difference from the first of its positions; on CUDA each a captured graph, then the
+    step's kernels. Each variant sets engine's switches (ATTENTION, FUSED, COMPILE) or swaps its norm for
+    the step, and puts them back. Returns a dict a variant."""
+    device, dtype = model.device, next(model.parameters()).dtype
+    engine.drop_stale_joins(model)
+    fused = hasattr(model.model.layers[0].self_attn, "qkv")
+    slots = engine.Slots(model, rows, 2 * length, 1, dtype, device)
+    slots.tok.random_(model.config.vocab_size)
+    tokens, cuda = slots.tok.clone(), device.type == "cuda"
+    last = length - 1 - 8
+    positions = {"equal": torch.full((rows,), last, device=device),
+                 "spread": torch.arange(1, rows + 1, device=device) * last // rows}
+    sampled = (1.0, 0, 1.0)
+    default = engine.attention_for(slots.k)
+    attentions = [default] + [a for a in engine.ATTENTIONS if a != default
+                              and (a != "varlen" or cuda and dtype != torch.float32)]
+    variants = (*((f"{a} attention", {"ATTENTION": a}, sampled, "equal") for a in attentions),
+                ("argmax, no sampling", {}, (0, 0, 1.0), "equal"),
+                ("HF's RMSNorm modules", {"norm": lambda module, x: module(x)}, sampled, "equal"),
+                *([("unfused projections", {"FUSED": False}, sampled, "equal")] if fused else []),
+                ("torch.compile" if not engine.COMPILE else "not compiled", {"COMPILE": not engine.COMPILE}, sampled,
+                 "equal"),
+                *((f"{a} attention", {"ATTENTION": a}, sampled, "spread") for a in attentions))
+    first, results = {}, []  # first: positions -> the logits of the first variant run at them (the engine as it runs)
+    for name, changes, sampling, at in variants:
+        saved = {key: getattr(engine, key) for key in changes}
+        for key, value in changes.items():
+            setattr(engine, key, value)
+        try:
+            slots.tok.copy_(tokens)
+            slots.pos.copy_(positions[at])  # the same columns every time
+            logits = engine.step_logits(model, slots, rows, length).float()
+            first.setdefault(at, logits)
+            step = lambda: engine.decode_step(model, slots, rows, length, sampling)
+            run = engine.capture(step, slots, torch.cuda.graph_pool_handle()).replay if cuda else step
+            for k in range(23):  # 3 to warm up, 20 timed
+                if k == 3:
+                    torch.cuda.synchronize() if cuda else None
+                    t0 = time.perf_counter()
+                slots.pos.copy_(positions[at])
+                run()
+            torch.cuda.synchronize() if cuda else None
+        finally:
+            for key, value in saved.items():
+                setattr(engine, key, value)
+        results.append(dict(name=name, rows=at, ms=(time.perf_counter() - t0) / 20 * 1e3,
+                            diff=(logits - first[at]).abs().max().item()))
+        print("{} rows x {} columns, rows {rows:>6}, {name:>20}: {ms:6.2f} ms a step, logits within {diff:.1e} of the "
+              "first's".format(rows, length, **results[-1]), flush=True)
+    if cuda:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine.decode_step(model, slots, rows, length, sampled)
+            torch.cuda.synchronize()
+        kernels = prof.key_averages()
+        print(f"{sum(e.count for e in kernels)} kernels a step")
+        print(kernels.table(sort_by="self_cuda_time_total", row_limit=20))
+    return results
+
+
+# -----------------------------------------------------------------------------
 # --update: grpo.step on paper-shaped rows
 
 
@@ -282,8 +359,7 @@ def update_flops(config, prompt_lengths, completion_lengths, kl=True):
     and the weighted sum; causal: the keys at its position and before, t + 1 at position t), and
     2 x hidden x vocabulary for the logits of a completion token (only those are scored)."""
     h, layers = config.hidden_size, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    q, kv = config.num_attention_heads * head_dim(config), config.num_key_value_heads * head_dim(config)
     weights = layers * (h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size)  # q k v o, gate up down
     forward = 0
     for P, C in zip(prompt_lengths, completion_lengths):
@@ -296,7 +372,6 @@ def paper_rows(rows, prompt_len, mean_completion, max_completion, vocab, seed):
     """The loop's batch (grpo.pad_rollouts) of `rows` random rows: prompts of prompt_len +- 40%,
     completions drawn uniformly around mean_completion and cut at max_completion, half of them
     view 1; with the prompt and completion lengths."""
-    import grpo
     g = torch.Generator().manual_seed(seed)
     P = torch.randint(int(0.6 * prompt_len), int(1.4 * prompt_len) + 1, (rows,), generator=g).tolist()
     C = torch.randint(mean_completion // 4, 2 * mean_completion - mean_completion // 4, (rows,), generator=g)
@@ -310,7 +385,6 @@ def paper_rows(rows, prompt_len, mean_completion, max_completion, vocab, seed):
 
 def head(batch, rows):
     """The first `rows` rows of a Rollouts."""
-    import grpo
     return grpo.Rollouts(**{k: None if v is None else v[:rows] for k, v in vars(batch).items()})
 
 
@@ -334,8 +408,6 @@ def bench_update(args):
     tokens/s, model FLOPs utilisation and peak memory of each."""
     import resource
 
-    import grpo
-
     gpu = args.device == "cuda"
     name = args.model or ("random:qwen3-1.7b" if gpu else "smollm2")
     compute = torch.bfloat16 if gpu else torch.float32
@@ -344,7 +416,7 @@ def bench_update(args):
     model, _ = load_model(name, args.device, torch.float32)  # float32 master weights, as the loop keeps them
     ref = grpo.make_reference(model, 0.005)
     if args.compile:
-        grpo.compile_layers(model), grpo.compile_layers(ref)
+        scale.compile_layers(model), scale.compile_layers(ref)
     # the paper's shape on a GPU (128 rows, 250-token prompts, ~700-token completions up to 1024);
     # a small one on the CPU, so that the whole benchmark takes under a minute
     rows, prompt_len, mean_c, max_c = (args.rows or 128, 250, 700, 1024) if gpu else (args.rows or 4, 40, 80, 128)
@@ -361,13 +433,13 @@ def bench_update(args):
                              transformers=transformers.__version__, model=name, matmul_flops=rate,
                              update_flops=flops, micro_batch_tokens=budget, compile=args.compile)
     for checkpointing in args.checkpointing:
-        grpo.set_checkpointing(model, checkpointing)
+        scale.set_checkpointing(model, checkpointing)
         setting = {0: "off", 1: "on"}.get(checkpointing, f"every {checkpointing}")
         optimizer = grpo.make_optimizer(model, lr=1e-7)
         run = lambda b: grpo.step(model.train(), optimizer, b, None, ref, micro_batch_tokens=budget)
         try:
             with autocast:
-                estimate = grpo.activation_estimate(model)(budget)
+                estimate = scale.activation_estimate(model)(budget)
                 if gpu or args.compile:  # kernels, the allocator's pool and the compilation, on one row, then two:
                     run(head(batch, 1))  # torch.compile specialises a size of 1, and the timed step's last
                     run(head(batch, 2))  # micro-batch may hold one row (it did: a recompilation inside the timing)
@@ -423,7 +495,7 @@ def main(argv=None):
                         help="ours fast: the engine's attention (default: varlen on CUDA in bfloat16, else sdpa)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decoder layers: the fast engine's decode step (engine.COMPILE), "
-                             "or with --update the update's (grpo.compile_layers); compilation in the warm-up")
+                             "or with --update the update's (scale.compile_layers); compilation in the warm-up")
     # output
     parser.add_argument("--json", default=None,
                         help="write every measured figure to this file, rewritten after each case")
@@ -434,12 +506,16 @@ def main(argv=None):
     parser.add_argument("--rows", type=number(int, 1), default=None,
                         help="--update: rows (default 128 on cuda, 4 on cpu)")
     parser.add_argument("--checkpointing", type=numbers(int, 0), default="1,0",
-                        help="--update: the settings to time, grpo.set_checkpointing's every: 1 every layer, 0 none, "
+                        help="--update: the settings to time, scale.set_checkpointing's every: 1 every layer, 0 none, "
                              "2 every other layer (default 1,0)")
     parser.add_argument("--micro-batch-tokens", type=number(int, 0), default=None,
                         help="--update: token budget of a micro-batch (default, or 0: 16384 on cuda, 512 on cpu)")
     parser.add_argument("--profile", action="store_true",
                         help="--update: each setting's step again on 16 rows (cpu: 2) under torch's profiler")
+    # one decode step instead
+    parser.add_argument("--decode-step", type=numbers(int, 1, count=2), default=None, metavar="ROWS,COLUMNS",
+                        help="time one decode step of ROWS slots reading COLUMNS cache columns, as the engine runs "
+                             "it and with one part changed (engine.py's switches); on cuda its kernels")
     args = parser.parse_args(argv)
     columns = [c.strip() for c in args.columns.split(",")]
     if unknown := [c for c in columns if c not in COLUMNS]:
@@ -457,6 +533,9 @@ def main(argv=None):
     model, tok = load_model(name, args.device, dtype)
     if engine.supports(model):  # as the loop does to its sampling copy (HF's columns read the same weights)
         engine.fuse(model)
+    if args.decode_step:
+        with torch.no_grad():
+            return decode_step_variants(model, *args.decode_step)
     batches = args.batches or ([64, 256, 512] if gpu else [1, 8, 32])
     if name.startswith("random:"):
         cases, pad_id = random_cases(model.config.vocab_size, batches, args.cases, args.max_new, args.seed), 0

@@ -2,8 +2,9 @@
 The fast rollout engine: a pool of sequence slots over a static KV cache, decoded by a forward of
 its own that runs as captured CUDA graphs on a GPU.
 
-`sample.generate(..., engine="fast")` lands here; `sample.generate_eager` stays the readable
-reference, and tests/test_engine.py checks that both give the same tokens. What differs:
+`generate` here keeps `sample.generate`'s contract, and the caller picks one of the two (the loop: the
+fast engine on CUDA, --engine); `sample.generate` stays the readable reference, a model this engine
+cannot run goes there, and tests/test_engine.py checks that both give the same tokens. What differs:
   1. Slots and continuous batching. The cache holds `max_rows` slots of (longest prompt +
      max_new_tokens) columns, one sequence a slot, its token at position p in column p (no
      padding). When a sequence finishes, its slot takes the next waiting one, so the batch stays
@@ -38,8 +39,6 @@ the modules' weights becoming views into them: a layer's step runs 4 matmuls ins
 
     python engine.py --model smollm2     # greedy parity with the eager loop, and both timed
     python engine.py --model random:qwen3-1.7b --device cuda    # the same on a GPU (float32), graphs too
-    python engine.py --model random:qwen3-1.7b --device cuda --dtype bfloat16 --profile 256,512
-                                         # one decode step, and with one part changed; its kernels
     python engine.py --model random:qwen3-1.7b --device cuda --dtype bfloat16 --attention varlen
                                          # varlen attention: one step's logits against HF's forward
     python engine.py --model random:qwen3-1.7b --device cuda --dtype bfloat16 --attention flex --compile
@@ -55,28 +54,28 @@ from itertools import islice
 import torch
 import torch.nn.functional as F
 
-from sample import KVCache, cache_columns, check_request, forward_last, left_pad, sample_next
+import sample
+from models import head_dim, load_model
+from sample import KVCache, check_request, forward_last, left_pad, sample_next
 
 ARCHS = ("llama", "qwen2", "qwen3")  # config.model_type values whose forward is written below
-# "sdpa": torch's fused attention (one kernel; 1.0-1.2x "matmul" in bench's CPU cases); "matmul": the same
-# math in plain ops, two batched matmuls around a float32 softmax. Both read columns [0, t) of every row.
-# "varlen" (CUDA, bfloat16 / float16): flash attention that reads each row's own columns 0..pos only; on
-# bench's paper-shaped ragged case the others read 1.7x the K+V a row needs (bucketed t, free slots).
-# Measured on an H200 (README): on the ragged case varlen 16.1k new tok/s, matmul 14.5k, sdpa 13.1k; on 256
-# equal rows varlen and matmul 21.2k, sdpa 19.5k. "flex": FlexAttention (compiled on CUDA), which also reads
-# each row's own columns only, with a decoding kernel that packs the g query heads of a key/value head into one
-# tile; not yet timed on a GPU. ATTENTION None: attention_for() picks by device and dtype
+# "sdpa": torch's fused attention (one kernel); "matmul": the same math in plain ops, two batched matmuls
+# around a float32 softmax. Both read columns [0, t) of every row. "varlen" (CUDA, bfloat16 / float16): flash
+# attention that reads each row's own columns 0..pos only (on a ragged batch the others read the columns of
+# the bucket and of free slots too). "flex": FlexAttention (compiled on CUDA), which also reads each row's
+# own columns only, with a decoding kernel that packs the g query heads of a key/value head into one tile.
+# ATTENTION None: attention_for() picks the fastest measured (docs/MEASURED.md) by device and dtype
 ATTENTION = None
 ATTENTIONS = ("sdpa", "matmul", "varlen", "flex")
 FLEX_BLOCK = 128  # columns a FlexAttention key/value block
 LENGTH_BUCKET = 256  # CUDA graphs are captured for cache lengths that are multiples of this
 PREFILL_TOKENS = 16384  # padded prompt tokens a prefill forward (bounds its activations)
 # torch.compile each layer's step and the sampler (compiled): fewer, fused kernels a decode step, after a compilation
-# of tens of seconds at the first step. Off by default until measured on a GPU (README); the CPU gains little
+# of tens of seconds at the first step. Off by default: not yet timed on a GPU (docs/MEASURED.md)
 COMPILE = False
 PREFILL_AHEAD = 8  # prompts prefilled together when one is needed (their caches wait in a store)
 # attend() and mlp() run q / k / v as one matmul and the MLP's gate / up as another where fuse() joined their
-# weights (3 fewer matmuls a layer, the same bytes read); False runs the modules' own (profile_step's variant)
+# weights (3 fewer matmuls a layer, the same bytes read); False runs the modules' own (bench.py --decode-step)
 FUSED = True
 
 
@@ -229,8 +228,7 @@ class Slots:
 
     def __init__(self, model, rows, length, check_every, dtype, device):
         config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (config.num_hidden_layers, rows, config.num_key_value_heads, length, head_dim)
+        shape = (config.num_hidden_layers, rows, config.num_key_value_heads, length, head_dim(config))
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.tok = torch.zeros(rows, dtype=torch.long, device=device)
@@ -242,7 +240,7 @@ class Slots:
         self.cols = torch.arange(length, device=device)
         # cos / sin of every position, computed by the model's own rotary module (any RoPE scaling it has)
         cos, sin = model.model.rotary_emb(self.k[0, 0, 0], self.cols[None])  # (1, L, D) in the cache dtype
-        half = head_dim // 2
+        half = head_dim(config) // 2
         self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), -1)  # sin signed for rope()
 
 
@@ -346,6 +344,12 @@ def prefill(model, prompts, dtype):
     return out
 
 
+def cache_columns(max_len):
+    """The fast engine's cache columns for sequences of up to max_len tokens: a multiple of 16, so that on
+    CUDA every bucket's length is one too (SDPA's fused kernels copy a mask of other lengths to pad it)."""
+    return -(-max_len // 16) * 16
+
+
 def buckets(rows):
     """Row counts that get a graph: powers of two below rows, and rows itself."""
     out, b = [], 1
@@ -366,8 +370,13 @@ def generate(model, prompts, max_new_tokens, *, n=1, temperature=1.0, top_p=1.0,
     called with the number of sequences that have just ended. stats: a dict to fill with where the
     time went (bench.py): seconds in prefill and in graph capture (each with its warm-up step), the graphs
     captured, the decode steps run and the rows they computed (bucket_rows, of which live_rows were
-    sequences in flight); the device is synchronised around each timed part.
+    sequences in flight); the device is synchronised around each timed part. A model of another
+    architecture (supports) is sampled by the reference loop, sample.generate.
     """
+    if not supports(model):
+        return sample.generate(model, prompts, max_new_tokens, n=n, temperature=temperature, top_p=top_p,
+                               top_k=top_k, stop_ids=stop_ids, generator=generator, max_rows=max_rows,
+                               progress=progress)
     check_request(prompts, max_new_tokens, n, temperature, top_k, top_p)
     device, dtype = model.device, next(model.parameters()).dtype
     cuda = device.type == "cuda"
@@ -493,81 +502,16 @@ def step_check(model, prompt):
     return (ours - ref).abs().max().item(), ref.std().item(), bool(ours.argmax() == ref.argmax())
 
 
-def profile_step(model, rows, length):
-    """Milliseconds of one decode step over `rows` slots reading `length` cache columns, as the engine
-    runs it and with one thing changed (another attention, argmax instead of sampling, HF's own RMSNorm
-    modules, a fused model's projections unfused, COMPILE switched); rows all at position length - 9,
-    then (each attention) spread evenly over positions up to there, as on ragged rows. Each with its
-    logits' largest difference from the first of its positions; on CUDA each a captured graph, then the
-    step's kernels. Returns a dict a variant."""
-    device, dtype = model.device, next(model.parameters()).dtype
-    drop_stale_joins(model)
-    fused = hasattr(model.model.layers[0].self_attn, "qkv")
-    slots = Slots(model, rows, 2 * length, 1, dtype, device)
-    slots.tok.random_(model.config.vocab_size)
-    tokens, cuda = slots.tok.clone(), device.type == "cuda"
-    last = length - 1 - 8
-    positions = {"equal": torch.full((rows,), last, device=device),
-                 "spread": torch.arange(1, rows + 1, device=device) * last // rows}
-    sampled = (1.0, 0, 1.0)
-    attentions = [attention_for(slots.k)] + [a for a in ATTENTIONS if a != attention_for(slots.k)
-                                             and (a != "varlen" or cuda and dtype != torch.float32)]
-    variants = (*((f"{a} attention", {"ATTENTION": a}, sampled, "equal") for a in attentions),
-                ("argmax, no sampling", {}, (0, 0, 1.0), "equal"),
-                ("HF's RMSNorm modules", {"norm": lambda module, x: module(x)}, sampled, "equal"),
-                *([("unfused projections", {"FUSED": False}, sampled, "equal")] if fused else []),
-                ("torch.compile" if not COMPILE else "not compiled", {"COMPILE": not COMPILE}, sampled, "equal"),
-                *((f"{a} attention", {"ATTENTION": a}, sampled, "spread") for a in attentions))
-    first, results = {}, []  # first: positions -> the logits of the first variant run at them (the engine as it runs)
-    for name, changes, sampling, at in variants:
-        saved = {key: globals()[key] for key in changes}
-        globals().update(changes)
-        try:
-            slots.tok.copy_(tokens)
-            slots.pos.copy_(positions[at])  # the same columns every time
-            logits = step_logits(model, slots, rows, length).float()
-            first.setdefault(at, logits)
-            step = lambda: decode_step(model, slots, rows, length, sampling)
-            run = capture(step, slots, torch.cuda.graph_pool_handle()).replay if cuda else step
-            for k in range(23):  # 3 to warm up, 20 timed
-                if k == 3:
-                    torch.cuda.synchronize() if cuda else None
-                    t0 = time.perf_counter()
-                slots.pos.copy_(positions[at])
-                run()
-            torch.cuda.synchronize() if cuda else None
-        finally:
-            globals().update(saved)
-        results.append(dict(name=name, rows=at, ms=(time.perf_counter() - t0) / 20 * 1e3,
-                            diff=(logits - first[at]).abs().max().item()))
-        print("{} rows x {} columns, rows {rows:>6}, {name:>20}: {ms:6.2f} ms a step, logits within {diff:.1e} of the "
-              "first's".format(rows, length, **results[-1]), flush=True)
-    if cuda:
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            decode_step(model, slots, rows, length, sampled)
-            torch.cuda.synchronize()
-        kernels = prof.key_averages()
-        print(f"{sum(e.count for e in kernels)} kernels a step")
-        print(kernels.table(sort_by="self_cuda_time_total", row_limit=20))
-    return results
-
-
 if __name__ == "__main__":
-    from eval import number, numbers
-    from sample import generate_eager, load_model, stop_ids
-
-    parser = argparse.ArgumentParser(description="The fast engine against the eager loop (same greedy tokens, "
-                                                 "both timed), or where one decode step's time goes (--profile).")
+    parser = argparse.ArgumentParser(description="The fast engine against the eager loop: the same greedy tokens, "
+                                                 "both timed (bench.py --decode-step: one decode step's time)")
     parser.add_argument("--model", default="smollm2", help="hub id, folder, smollm2, tiny, random:qwen3-1.7b")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="float32 (CPU) or bfloat16")
-    parser.add_argument("-n", type=number(int, 1), default=8, help="samples a prompt")
-    parser.add_argument("--max-new-tokens", type=number(int, 1), default=64, help="longest completion")
-    parser.add_argument("--max-rows", type=number(int, 1), default=None, help="rows in flight (default: all)")
-    parser.add_argument("--profile", type=numbers(int, 1, count=2), default=None, metavar="ROWS,COLUMNS",
-                        help="time one decode step of ROWS slots reading COLUMNS cache columns")
+    parser.add_argument("-n", type=int, default=8, help="samples a prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="longest completion")
+    parser.add_argument("--max-rows", type=int, default=None, help="rows in flight (default: all)")
     parser.add_argument("--attention", default=ATTENTION, choices=ATTENTIONS,
                         help="the engine's attention (default: varlen on CUDA in bfloat16, else sdpa)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each layer's decode step and the sampler (COMPILE)")
@@ -576,16 +520,12 @@ if __name__ == "__main__":
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     if supports(model):  # as the loop does to its sampling copy
         fuse(model)
-    if args.profile:
-        with torch.no_grad():
-            profile_step(model, *args.profile)
-        raise SystemExit
     questions = [f"What is {a} + {b}? Think step by step." for a, b in ((3, 4), (12, 30), (7, 7), (100, 1))]
     chat = lambda q: tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                                    add_generation_prompt=True)
     prompts = [tokenizer.encode(chat(q), add_special_tokens=False) for q in questions]
-    stops = stop_ids(model, tokenizer)
-    for name, fn in (("eager", generate_eager), ("fast", generate)):
+    stops = sample.stop_ids(model, tokenizer)
+    for name, fn in (("eager", sample.generate_eager), ("fast", generate)):
         kw = dict(max_rows=args.max_rows) if name == "fast" else {}
         fn(model, prompts[:1], 2, **kw)  # warm up
         t0 = time.perf_counter()

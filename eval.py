@@ -1,9 +1,9 @@
 """
 Evaluation: how often the model's boxed answer matches a benchmark's gold answer.
 
-Every question is rendered with the solver prompt (the same one the training loop uses), sampled
-k times, and each completion is graded by the project's one normal form (hms.extract_answer,
-hms.normalize_answer, hms.extract_choice), so a vote while training and a grade here agree.
+Every question is rendered with the solver prompt (prompts.py, the same one the training loop uses),
+sampled k times, and each completion is graded by the project's one normal form (answers.answer_of),
+so a vote while training and a grade here agree.
 Ground-truth answers are used only here (and by the `gt` selector), never to train.
 
 Metrics over Q questions with k samples each, c_qj = 1 if sample j of question q is right:
@@ -13,12 +13,6 @@ Metrics over Q questions with k samples each, c_qj = 1 if sample j of question q
     pass@k = 1/Q sum_q max_j c_qj              (any of the k samples right)
     greedy = accuracy of one temperature-0 completion a question
 They are reported overall and per group (MATH500: subject and level; MMLU-Pro: category; GPQA: domain).
-
-The solver prompt is the release's: its system turn ("Let's think step by step and output the
-final answer within \\boxed{}.") and the question, rendered by the chat template with no
-enable_thinking flag (Qwen3's template then writes no think block; --thinking-block adds its
-empty one). A multiple-choice question adds its options and one line the release does not have,
-asking for the letter alone in the box (CHOICE_INSTRUCTION).
 
 Departures: pass@k is the plain "any of the k drawn samples", not the unbiased estimator of
 Chen et al. (2021) for k < n. The paper's GPQA row implies 197 questions; this loads the public 198.
@@ -34,22 +28,24 @@ Run it:
 """
 
 import argparse
-import functools
 import json
-import math
 import os
 import random
 import re
 import urllib.request
-import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-import hms
+import engine as fast  # the fast engine; `engine` names evaluate's choice of sampler
 import sample
+from answers import answer_of, gold_answer
+from hms import majority_vote
+from models import cache_dir, load_model
+from prompts import LETTERS, prompt_ids, solver_messages
+from run import DefaultsHelp, number
 
 # -----------------------------------------------------------------------------
 # Benchmarks
@@ -58,8 +54,7 @@ FILES = {  # benchmark name -> file in the data folder (schema: shared/data/READ
     "math500": "math500.jsonl", "gsm8k": "gsm8k.jsonl", "aime24": "aime24.jsonl", "amc": "amc.jsonl",
     "gpqa": "gpqa_diamond.jsonl", "mmlu_pro": "mmlu_pro_validation.jsonl", "mmlu_pro_test": "mmlu_pro_test.jsonl",
 }
-CACHE = Path(os.environ.get("SELFHARMONY_CACHE", Path.home() / ".cache" / "selfharmony")) / "data"
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+CACHE = cache_dir() / "data"  # downloaded benchmarks
 
 
 def _split_options(text):
@@ -210,68 +205,17 @@ def make_arith(n=16, seed=0, level=1):
 
 
 # -----------------------------------------------------------------------------
-# Prompts
-
-SOLVER_SYSTEM = "Let's think step by step and output the final answer within \\boxed{}."  # the release's words
-# rows with answer_format "number" (arith): a 135M model rarely writes \boxed{}, so it is asked for
-# the bare number (hms.answer_of reads it)
-NUMBER_SYSTEM = "Answer with just the number."
-# a line METHOD.md does not have: asked only for the final answer in a box, a model may box the option's text
-# or value, which names no option (hms.extract_choice reads the first standalone letter in the last box)
-CHOICE_INSTRUCTION = "Put only the letter of the correct option in \\boxed{}."
-
-
-def format_question(row):
-    """The user turn: the problem, then for multiple choice its options as 'A. ...' lines."""
-    if not row.get("choices"):
-        return row["problem"].strip()
-    options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(row["choices"]))
-    return f"{row['problem'].strip()}\n\n{options}\n\n{CHOICE_INSTRUCTION}"
-
-
-def solver_messages(row):
-    """The solver's (system, user) turns: render_prompt(tokenizer, *solver_messages(row))."""
-    return NUMBER_SYSTEM if row.get("answer_format") == "number" else SOLVER_SYSTEM, format_question(row)
-
-
-@functools.cache
-def _warn_no_template():
-    warnings.warn("tokenizer has no chat template: using the plain 'System: / User: / Assistant:' layout")
-
-
-def render_prompt(tokenizer, system, user, thinking_block=False):
-    """A system and a user turn as the prompt text that the assistant's reply continues.
-    As the release: the chat template gets no enable_thinking flag, so Qwen3's template (which its
-    base checkpoints ship too) adds no think block. thinking_block=True passes enable_thinking=False,
-    with which Qwen3's template writes an empty <think></think> before the answer; templates that
-    do not know the flag ignore it either way."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-        flag = {"enable_thinking": False} if thinking_block else {}
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **flag)
-    _warn_no_template()  # a bare base tokenizer (e.g. GPT-2): a plain transcript it can continue
-    return f"System: {system}\n\nUser: {user}\n\nAssistant:"
-
-
-def prompt_ids(tokenizer, system, user, thinking_block=False):
-    """Token ids of render_prompt's text. The chat template already writes any BOS the model wants:
-    the tokenizer adds no second one."""
-    text = render_prompt(tokenizer, system, user, thinking_block=thinking_block)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-# -----------------------------------------------------------------------------
 # Grading and metrics (pure: lists in, numbers out)
 
 
 def is_correct(text, row, finished=True):
     """1[answer of the completion = gold]; a completion without an answer is wrong."""
-    return is_right(hms.answer_of(text, row, finished), row)
+    return is_right(answer_of(text, row, finished), row)
 
 
 def is_right(answer, row):
-    """1[answer = the row's gold answer], for an answer already read (hms.answer_of); None is wrong."""
-    return answer is not None and answer == hms.gold_answer(row)
+    """1[answer = the row's gold answer], for an answer already read (answer_of); None is wrong."""
+    return answer is not None and answer == gold_answer(row)
 
 
 def mean_at_k(correct):
@@ -281,7 +225,7 @@ def mean_at_k(correct):
 
 def maj_at_k(answers, golds):
     """answers: one list of k normalised answers (or None) a question -> share whose vote is gold."""
-    return sum(hms.majority_vote(a) == g for a, g in zip(answers, golds)) / len(golds)
+    return sum(majority_vote(a) == g for a, g in zip(answers, golds)) / len(golds)
 
 
 def pass_at_k(correct):
@@ -304,7 +248,7 @@ GROUP_KEYS = ("subject", "level", "category", "domain")
 
 def summarize(rows, correct, answers, greedy=None):
     """metrics() over all questions, plus by_<key> for each of GROUP_KEYS the rows carry."""
-    golds = [hms.gold_answer(r) for r in rows]
+    golds = [gold_answer(r) for r in rows]
     summary = metrics(correct, answers, golds, greedy)
     for key in (k for k in GROUP_KEYS if all(k in r for r in rows)):
         groups = defaultdict(list)
@@ -327,7 +271,8 @@ def evaluate(model, tokenizer, rows, *, n=16, temperature=0.8, top_p=0.95, max_n
     Sample n completions a question with the solver prompt, plus one greedy completion if
     greedy, and grade them. Returns (summary from summarize(), records: one dict a completion
     {id, kind, index, text, finished, answer, correct}). batch_size counts questions a generate call;
-    engine and max_rows (rows in flight) go to sample.generate; thinking_block to render_prompt.
+    engine: "fast" samples with engine.generate, else sample.generate (the reference loop), with at most
+    max_rows rows in flight; thinking_block: the chat template's (prompts.render_prompt).
     on_records: called with each generate call's records as soon as they are graded (to save them).
     """
     if not rows:
@@ -340,17 +285,18 @@ def evaluate(model, tokenizer, rows, *, n=16, temperature=0.8, top_p=0.95, max_n
     modes = [("sampled", n, temperature)] + ([("greedy", 1, 0.0)] if greedy else [])
     quiet = torch.distributed.is_initialized() and torch.distributed.get_rank() > 0  # the loop's other ranks
     total = len(rows) * sum(k for _, k, _ in modes)
+    generate = fast.generate if engine == "fast" else sample.generate  # the caller's choice
     with tqdm(total=total, desc="eval", unit="completion", disable=quiet) as bar:
         for kind, k, temp in modes:
             for start in range(0, len(rows), batch_size):
-                outs = sample.generate(model, prompts[start : start + batch_size], max_new_tokens, n=k,
-                                       temperature=temp, top_p=top_p, stop_ids=stops, generator=generator,
-                                       engine=engine, max_rows=max_rows, progress=bar.update)
+                outs = generate(model, prompts[start : start + batch_size], max_new_tokens, n=k, temperature=temp,
+                                top_p=top_p, stop_ids=stops, generator=generator, max_rows=max_rows,
+                                progress=bar.update)
                 graded = []
                 for j, ids in enumerate(outs):  # prompt-major: the k samples of a question are adjacent
                     row, text = rows[start + j // k], tokenizer.decode(ids, skip_special_tokens=True)
                     done = sample.finished(ids, stops)
-                    answer = hms.answer_of(text, row, done)  # read once, for the record and its grade
+                    answer = answer_of(text, row, done)  # read once, for the record and its grade
                     graded.append(dict(id=row["id"], kind=kind, index=j % k, text=text, finished=done,
                                        answer=answer, correct=is_right(answer, row)))
                 records += graded
@@ -392,42 +338,6 @@ def print_table(summary):
                                   for g, m in summary[key].items()]
     for name, m in lines:
         print(f"{name[:33]:<34}" + "".join(f"{m[c]:>11}" if c == "questions" else f"{m[c]:>11.4f}" for c in cols))
-
-
-def number(kind, low=None, high=None, above=False):
-    """An argparse type: a finite `kind` (int or float) >= low (> low if above) and <= high; anything
-    else is one clear line from argparse ("argument --n-rollouts: must be an integer >= 2, not 1")."""
-    name = "an integer" if kind is int else "a number"
-    bounds = " and ".join(b for b in (low is not None and f"{'>' if above else '>='} {low}",
-                                      high is not None and f"<= {high}") if b)
-    def parse(text):
-        try:
-            x = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {name}, not {text!r}")
-        if (not math.isfinite(x) or (low is not None and (x <= low if above else x < low))
-                or (high is not None and x > high)):
-            raise argparse.ArgumentTypeError(f"must be {name} {bounds}, not {text}")
-        return x
-    return parse
-
-
-class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse's help with each flag's default after it, unless its help speaks of the default itself."""
-
-    def _get_help_string(self, action):
-        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
-
-
-def numbers(kind, low=None, high=None, count=None):
-    """An argparse type: comma-separated `number`s ("64,256,512"), exactly `count` of them if count is set."""
-    one, name = number(kind, low, high), "integers" if kind is int else "numbers"
-    def parse(text):
-        items = text.split(",")
-        if count is not None and len(items) != count:
-            raise argparse.ArgumentTypeError(f"must be {count} comma-separated {name}, not {text!r}")
-        return [one(x) for x in items]
-    return parse
 
 
 def main(argv=None):
@@ -477,7 +387,7 @@ def main(argv=None):
         if previous not in (None, args.model):
             raise SystemExit(f"{json_path} holds the results of model {previous!r}: pass another --out-dir")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = sample.load_model(args.model, device=device, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
     engine = args.engine or ("fast" if device.startswith("cuda") else "eager")
     out.mkdir(parents=True, exist_ok=True)
     # the samples file is emptied below: an earlier run's metrics beside it would describe another run

@@ -26,9 +26,9 @@ rho = 3 and adds 1e-8 to each token-mean's denominator (a later verl also clamps
 of those act, and the 1e-8 is below float32's resolution of any real token count.
 
 At scale: micro-batches by a token budget (rows sorted by length, each moved to column 0, so a
-micro-batch pads only its spread of lengths), activation_estimate measures what the update keeps
-for backward, and shard() spreads weights, gradients and AdamW's state over torchrun's ranks
-with FSDP2 (the loop's --fsdp).
+micro-batch pads only its spread of lengths); under torchrun each rank's loss carries the whole
+step's denominators and the gradients are summed over the ranks; scale.py shards the model with
+FSDP2 (--fsdp) into a Scorer, checkpoints and compiles its layers, and estimates the update's memory.
 
     python grpo.py     # a tiny random model learns to start its answer with one token
 """
@@ -253,31 +253,8 @@ def make_optimizer(model, lr=3e-6, weight_decay=0.01, betas=(0.9, 0.999)):
                              lr=lr, weight_decay=weight_decay, betas=betas)
 
 
-def allocate_state(optimizer):
-    """AdamW's moments allocated now, as zeros, where torch allocates them in the first step: at start-up
-    they take their place in device memory beside the weights, so a run that cannot hold them stops before
-    it samples, and the caching allocator does not carve them out of the blocks the first step's KV cache
-    freed (there they would pin those blocks, and the next step's cache would need new ones). One step at
-    learning rate 0 on zero gradients (the weights stay as they are: decay multiplies them by 1, the update
-    adds 0), then each step count set back to 0, so the first real step is the one a fresh AdamW takes."""
-    lrs = [group["lr"] for group in optimizer.param_groups]
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for group in optimizer.param_groups:
-        group["lr"] = 0.0
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    for group, lr in zip(optimizer.param_groups, lrs):
-        group["lr"] = lr
-    for p in params:
-        p.grad = None
-        optimizer.state[p]["step"].zero_()
-
-
 def lr_schedule(step, total_steps, warmup_frac=0.1):
-    """lr multiplier: linear warm-up over warmup_frac of the steps, then cosine to 0.
-
-    Use as torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_schedule(s, total_steps)).
+    """lr multiplier: linear warm-up over warmup_frac of the steps, then cosine to 0 (make_scheduler).
     The release's warm-up starts at 0, which wastes the first batch; ours starts at 1/warmup.
     """
     warmup = max(1, round(warmup_frac * total_steps))
@@ -285,6 +262,11 @@ def lr_schedule(step, total_steps, warmup_frac=0.1):
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_scheduler(optimizer, total_steps, warmup_frac=0.1):
+    """The optimiser's learning rate set by lr_schedule at each of the run's total_steps."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_schedule(s, total_steps, warmup_frac))
 
 
 def accumulate_gradients(model, rollouts, micro_batch_size, ref_model=None, clip_eps=0.2,
@@ -375,88 +357,6 @@ def step(model, optimizer, rollouts, micro_batch_size, ref_model=None, scheduler
     return stats
 
 
-def set_checkpointing(model, every):
-    """Gradient (activation) checkpointing of a Hugging Face model's decoder layers 0, every, 2 every, ...:
-    every = 1 (or True) checkpoints all of them, 0 (or False) none, 2 every other one, which recomputes
-    half the forward and keeps about half the activations: the recomputation that is needed to fit,
-    and no more. transformers >= 5.2x names the switch activation_checkpointing_*, older 5.x
-    gradient_checkpointing_*; both read each layer's own flag, set here."""
-    name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
-    getattr(model, f"{name}_checkpointing_{'enable' if every else 'disable'}")()
-    for i, layer in enumerate(model.get_decoder().layers):
-        layer.gradient_checkpointing = bool(every) and i % every == 0
-
-
-def compile_layers(model):
-    """torch.compile each decoder layer's forward in place (regional compilation, the loop's --compile): in
-    forward and backward Inductor fuses a layer's norms, RoPE, SiLU, residual adds and autocast's casts
-    between its matmuls. Module hooks (FSDP's) run in __call__, outside, in eager code; checkpointing is
-    compiled with the layer where transformers puts it in forward (5.2x) and stays outside where it wraps
-    __call__ (5.17): both tested. One compilation serves every layer and every micro-batch shape (dynamic
-    shapes) of two rows or more, and another one a micro-batch of one row (torch specialises a size of 1);
-    the recomputation under checkpointing and a no-grad forward (the reference) get their own.
-    The gradient is the eager one up to rounding (tests/test_grpo.py). Call it after copying model (the
-    reference, the sampling copy): a copy would call the original's layers; and after shard(): FSDP2
-    gives each layer a subclass, whose forward transformers 5.2x wraps again, and only the outermost
-    wrapper checkpoints, so a forward compiled before would run with no checkpointing. Returns model."""
-    for layer in model.get_decoder().layers:
-        layer.forward = torch.compile(layer.forward, dynamic=True)
-    return model
-
-
-def activation_estimate(model, chunk=1024):
-    """bytes(tokens): what the update holds for backward at a micro-batch of `tokens` row x column
-    slots. Measured once, here: the tensors autograd saves in the scoring forward of one row (128 and
-    256 tokens: a constant plus a cost a token, weights excluded, autocast's bfloat16 weight copies
-    included), plus, when the last layer is checkpointed, one layer's activations rebuilt in backward
-    (backward rebuilds one checkpointed layer at a time; when layers after it keep their activations,
-    those are freed by then, before it is rebuilt); the function adds a logits chunk (float32, chunk x
-    vocabulary, three of them alive while its log-softmax is differentiated)."""
-    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-    def saved(n):
-        """Bytes autograd saves in a forward of one row of n tokens: each storage once (views share
-        one), the weights' not at all."""
-        seen, sizes = set(own), []
-
-        def pack(t):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in seen:
-                seen.add(ptr)
-                sizes.append(t.untyped_storage().nbytes())
-            return t
-        ids = torch.zeros(1, n, dtype=torch.long, device=model.device)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model.get_decoder()(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-        return sum(sizes)
-
-    def per_token_and_fixed():
-        a, b = saved(128), saved(256)
-        return (b - a) / 128, a - (b - a)
-
-    layers = model.get_decoder().layers
-    was_training, checkpointed = model.training, [layer.gradient_checkpointing for layer in layers]
-    model.train()
-    try:
-        per_token, fixed = per_token_and_fixed()
-        rebuilt = 0.0
-        if checkpointed[-1]:  # the first layer backward reaches is rebuilt at full size, on top of the rest
-            for layer in layers:
-                layer.gradient_checkpointing = False
-            full, _ = per_token_and_fixed()
-            rebuilt = (full - per_token) / sum(checkpointed)
-    finally:
-        model.train(was_training)
-        for layer, flag in zip(layers, checkpointed):
-            layer.gradient_checkpointing = flag
-    vocab = model.config.vocab_size
-    return lambda tokens: int(fixed + (per_token + rebuilt) * tokens + 3 * min(chunk, tokens) * vocab * 4)
-
-
-# -----------------------------------------------------------------------------
-# FSDP2: models whose float32 weights, gradients and AdamW state do not fit on one GPU
-
-
 class Scorer(torch.nn.Module):
     """token_logprobs(model, ...) as a module, the root that FSDP2 wraps: fully_shard gathers a
     unit's weights in hooks on its own forward, and token_logprobs calls the decoder and lm_head
@@ -470,36 +370,10 @@ class Scorer(torch.nn.Module):
         return token_logprobs(self.model, input_ids, attention_mask, completion_mask, temperature)
 
 
-def shard(model):
-    """Shard model over the ranks with FSDP2: each decoder layer one unit, the rest (embeddings,
-    final norm, lm_head, tied or not) the root's, a Scorer of the model, which is returned. The
-    model's weights become DTensors holding this rank's shard; an optimiser built on them keeps
-    AdamW's state sharded too. FSDP averages the gradients over ranks, so accumulate_gradients
-    multiplies each rank's loss by the world size: its share of the global mean is then summed.
-    (set_gradient_divide_factor(1) would say the same, but gloo lacks the reduction it uses.)
-    The root reshards after its forward too: FSDP2 keeps a root whole after forward by default, for
-    the backward that follows, and the reference runs forward only, so its root (embeddings and
-    lm_head, 5 GB at 8B in float32) would stay whole on every rank for good."""
-    from torch.distributed.fsdp import fully_shard
-    for layer in model.get_decoder().layers:
-        fully_shard(layer)
-    return fully_shard(Scorer(model), reshard_after_forward=True)
-
-
-def gathered_bytes(model):
-    """What a rank holds whole besides its shards while shard(model) runs forward and backward: the
-    root's weights (embeddings, final norm, lm_head: whole for the whole pass, as the root's forward
-    is the model's) and their gradients until they are reduced, and two decoder layers with theirs
-    (the one at work and the next, prefetched). Of the model before it is sharded."""
-    layers = model.get_decoder().layers
-    in_layers = {id(p) for p in layers.parameters()}
-    root = sum(p.nbytes for p in model.parameters() if id(p) not in in_layers)
-    return 2 * root + 2 * 2 * max(sum(p.nbytes for p in layer.parameters()) for layer in layers)
-
-
 if __name__ == "__main__":
-    # sample.py's tiny random byte-level model; reward 1 when a completion starts with `target`
-    from sample import generate, load_model
+    # the tiny random byte-level model; reward 1 when a completion starts with `target`
+    from models import load_model
+    from sample import generate
     torch.manual_seed(0)
     model, tokenizer = load_model("tiny")
     prompt = tokenizer("Say a letter:").input_ids

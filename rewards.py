@@ -25,14 +25,11 @@ Run `python rewards.py` to score a few hand-written responses.
 import math
 import re
 
-from hms import extract_answer
+from answers import extract_answer
+from prompts import SECTIONS  # the fused layout the reframer is asked for: one source for both sides
 
 MODES = ("gated", "additive")
 EPS = 1e-12
-
-# The fused layout's three sections, in order. selfharmony.py writes the reframer's prompts from these names
-# (a section renamed on one side only would zero every format score).
-SECTIONS = ("STRATEGY", "REWRITTEN PROBLEM", "SOLUTION")
 # a section header at the start of a line, markdown allowed: "**STRATEGY:**", "## Solution:"
 # (bounded repeats, so a line of a million "*" cannot make the regex backtrack through it)
 _NAMES = "|".join(name.replace(" ", r"[ \t]+") for name in SECTIONS)  # "REWRITTEN  problem" too
@@ -133,7 +130,7 @@ def fused_rewards(texts1, answers1, answers0, y_star, w_format=0.1, w_div=0.1, m
 if __name__ == "__main__":
     import numpy as np
 
-    from hms import normalize_answer
+    from answers import normalize_answer
 
     texts1 = [
         "**STRATEGY:** make it concrete\n**REWRITTEN PROBLEM:** Ann has 3 apples and gets 4 more. "

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import bench
-from sample import tiny_model
+import engine
+from models import tiny_model
+
 
 # 4 one-token prompts x 2 samples, up to 8 new tokens, stop id 9, 4 rows (2 prompts' samples) in flight
 FOUR_BY_TWO = bench.Case("ragged", [[1], [2], [3], [4]], 2, 8, (9,), max_rows=4)
@@ -160,6 +162,27 @@ def test_quick_runs_each_slow_column_on_one_case():
     assert bench.quick_share(ragged, "ours fast", True) is ragged and bench.quick_share(ragged, "HF dynamic", False) is ragged
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.slow
+def test_decode_step_variants_time_every_variant_of_the_same_step():
+    # each attention, on rows at one position and on rows spread over positions, computes the step the
+    # engine computes; and the variants put the tokens, positions and engine's switches back
+    model = tiny_model("qwen3")
+    engine.fuse(model)
+    with torch.no_grad():
+        results = bench.decode_step_variants(model, 4, 32)
+    assert [(r["rows"], r["name"]) for r in results] == [
+        ("equal", "sdpa attention"), ("equal", "matmul attention"), ("equal", "flex attention"),
+        ("equal", "argmax, no sampling"), ("equal", "HF's RMSNorm modules"), ("equal", "unfused projections"),
+        ("equal", "torch.compile"),
+        ("spread", "sdpa attention"), ("spread", "matmul attention"), ("spread", "flex attention")]
+    assert all(r["diff"] < 1e-5 and r["ms"] > 0 for r in results)
+    assert results[3]["diff"] == results[4]["diff"] == 0  # the same attention: the same numbers
+
+
+    assert engine.ATTENTION is None and engine.FUSED and not engine.COMPILE and engine.norm.__module__ == "engine"
+
+
 def test_update_flops_by_hand():
     from types import SimpleNamespace
     config = SimpleNamespace(hidden_size=4, num_hidden_layers=1, num_attention_heads=2, head_dim=2,
@@ -197,6 +220,8 @@ def test_update_benchmark_on_the_tiny_model(tmp_path, capsys):
     (["--update", "--micro-batch-tokens", "-1"], "argument --micro-batch-tokens: must be an integer >= 0, not -1"),
     (["--update", "--checkpointing", "1,-2"], "argument --checkpointing: must be an integer >= 0, not -2"),
     (["--columns", "ours fast,bogus"], "unknown --columns 'bogus': use any of 'ours fast', 'ours eager', "),
+    (["--decode-step", "256"], "argument --decode-step: must be 2 comma-separated integers, not '256'"),
+    (["--decode-step", "0,512"], "argument --decode-step: must be an integer >= 1, not 0"),
 ])
 def test_options_out_of_range_are_refused_in_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as e:  # before any model is loaded or anything is timed

@@ -1,52 +1,35 @@
-"""eval.py: benchmark loading, the arith generator, prompts, grading, metrics, and the CLI end to end."""
+"""eval.py: benchmark loading, the arith generator, grading, metrics, and the CLI end to end."""
 
-import argparse
 import io
 import json
 import operator
 import re
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models
-from transformers import PreTrainedTokenizerFast
 
+import engine
 import eval as ev
-import hms
+import prompts
 import sample
+from answers import answer_of
+from models import load_model
+
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
 if not DATA.is_dir():
     raise RuntimeError(f"the benchmark files are missing: expected them in {DATA}")
 
+
 COUNTS = {"math500": 500, "gsm8k": 1319, "aime24": 30, "amc": 83, "gpqa": 198, "mmlu_pro": 70, "mmlu_pro_test": 12032}
-
-# A trimmed Qwen3 chat template: the parts that render system/user turns and the generation prompt.
-QWEN3_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
-    "{%- endif %}"
-)
-
-
-def word_tokenizer(chat_template=None):
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")))
-    tok.chat_template = chat_template
-    return tok
 
 
 def write_jsonl(path, lines):
     path.write_text("".join(line + "\n" for line in lines))
     return path
-
-
-# -----------------------------------------------------------------------------
-# Benchmarks
 
 
 @pytest.mark.parametrize("name", list(COUNTS))
@@ -146,9 +129,6 @@ def test_download_conversion_of_the_mmlu_pro_harness_layout():
     assert question == "Q line 1\nQ line 2" and choices == [f"opt {c}" for c in "ABCDEFGHIJ"]
 
 
-# -----------------------------------------------------------------------------
-# arith
-
 OPS = {"+": operator.add, "-": operator.sub}
 
 
@@ -185,43 +165,6 @@ def test_arith_is_deterministic_for_a_seed():
         ev.load_benchmark("arith", n=82)
 
 
-# -----------------------------------------------------------------------------
-# Prompts
-
-
-def test_solver_prompt_with_a_qwen3_template_as_the_release_renders_it_and_with_the_think_block():
-    row = {"id": "q", "problem": "What is 2 + 3?", "answer": "5"}
-    tok = word_tokenizer(QWEN3_TEMPLATE)
-    release = (
-        "<|im_start|>system\nLet's think step by step and output the final answer within \\boxed{}.<|im_end|>\n"
-        "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n"
-        "<|im_start|>assistant\n"
-    )
-    assert ev.render_prompt(tok, *ev.solver_messages(row)) == release  # no enable_thinking flag: no block
-    assert ev.render_prompt(tok, *ev.solver_messages(row), thinking_block=True) == release + "<think>\n\n</think>\n\n"
-
-
-def test_multiple_choice_options_follow_the_question():
-    row = {"id": "q", "problem": " Which is a prime? ", "choices": ["4", "7", "9"], "answer": "B"}
-    assert ev.format_question(row) == (
-        "Which is a prime?\n\nA. 4\nB. 7\nC. 9\n\nPut only the letter of the correct option in \\boxed{}.")
-
-
-def test_plain_fallback_without_a_chat_template_warns_once():
-    ev._warn_no_template.cache_clear()
-    tok = word_tokenizer(None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        first = ev.render_prompt(tok, "Be brief.", "What is 2 + 3?")
-        ev.render_prompt(tok, "Be brief.", "What is 1 + 1?")
-    assert first == "System: Be brief.\n\nUser: What is 2 + 3?\n\nAssistant:"
-    assert len([w for w in caught if "chat template" in str(w.message)]) == 1
-
-
-# -----------------------------------------------------------------------------
-# Grading
-
-
 @pytest.mark.parametrize("text, answer, right", [
     ("2 + 3 = 5, so \\boxed{5}.", "5", True),
     ("First \\boxed{4}; no wait, it is \\boxed{5}.", "5", True),  # the last box counts
@@ -246,10 +189,6 @@ def test_open_answers(text, answer, right):
 def test_multiple_choice_reads_the_letter_in_the_last_box(text, right):
     row = {"id": "q", "problem": "p", "choices": ["w", "x", "y", "z"], "answer": "B"}
     assert ev.is_correct(text, row) is right
-
-
-# -----------------------------------------------------------------------------
-# Metrics, on a table worked out by hand
 
 
 def test_mean_maj_pass_at_k_by_hand():
@@ -305,10 +244,6 @@ def test_print_table_prints_the_overall_line_then_one_a_group(capsys):
         "level=1                                     2     0.2500     0.5000"]
 
 
-# -----------------------------------------------------------------------------
-# End to end on the tiny random model, offline
-
-
 def test_cli_end_to_end_on_the_tiny_model(tmp_path):
     data = write_jsonl(tmp_path / "two.jsonl", [
         json.dumps({"id": "a", "problem": "What is 2 + 3?", "answer": "5", "subject": "add"}),
@@ -325,7 +260,7 @@ def test_cli_end_to_end_on_the_tiny_model(tmp_path):
 
 
 def test_evaluate_reproduces_with_a_seed_and_restores_train_mode():
-    model, tokenizer = sample.load_model("tiny")
+    model, tokenizer = load_model("tiny")
     rows = ev.load_benchmark("arith", n=3)
     model.train()
     runs = [ev.evaluate(model, tokenizer, rows, n=2, max_new_tokens=5, batch_size=2, seed=s) for s in (7, 7, 8)]
@@ -336,9 +271,9 @@ def test_evaluate_reproduces_with_a_seed_and_restores_train_mode():
 
 
 def test_evaluate_hands_its_settings_to_the_sampler_and_grades_what_comes_back(monkeypatch):
-    model, tokenizer = sample.load_model("tiny")
+    model, tokenizer = load_model("tiny")
     rows = ev.load_benchmark("arith", n=3)
-    gold = {tuple(ev.prompt_ids(tokenizer, *ev.solver_messages(r))): int(r["answer"]) for r in rows}
+    gold = {tuple(prompts.prompt_ids(tokenizer, *prompts.solver_messages(r))): int(r["answer"]) for r in rows}
     eos, calls = tokenizer.eos_token_id, []
 
     def fake(model, prompts, max_new_tokens, *, n, generator, progress, **kw):  # sample j: gold, gold + 1, gold cut off
@@ -347,11 +282,12 @@ def test_evaluate_hands_its_settings_to_the_sampler_and_grades_what_comes_back(m
         texts = [(f"{gold[tuple(p)] + (j == 1)}", j < 2) for p in prompts for j in range(n)]
         return [tokenizer.encode(text, add_special_tokens=False) + [eos] * stop for text, stop in texts]
 
-    monkeypatch.setattr(sample, "generate", fake)
+    monkeypatch.setattr(engine, "generate", fake)  # engine="fast": the fast engine samples, not the reference loop
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("the reference loop sampled"))
     model.train()
     summary, records = ev.evaluate(model, tokenizer, rows, n=3, temperature=0.7, top_p=0.9, max_new_tokens=9,
                                    batch_size=2, greedy=True, engine="fast", max_rows=5)
-    common = dict(top_p=0.9, stop_ids=[eos], engine="fast", max_rows=5, max_new_tokens=9, training=False)
+    common = dict(top_p=0.9, stop_ids=[eos], max_rows=5, max_new_tokens=9, training=False)
     assert calls == [dict(common, n=3, temperature=0.7, prompts=2), dict(common, n=3, temperature=0.7, prompts=1),
                      dict(common, n=1, temperature=0.0, prompts=2), dict(common, n=1, temperature=0.0, prompts=1)]
     assert model.training  # put back after
@@ -392,20 +328,20 @@ def test_cli_on_arith(tmp_path):
 
 def test_arith_asks_for_the_bare_number_and_reads_the_last_one():
     row = ev.load_benchmark("arith", n=1, seed=0)[0]
-    system, user = ev.solver_messages(row)
+    system, user = prompts.solver_messages(row)
     assert system == "Answer with just the number." and user == row["problem"]
     value = int(row["answer"])
     assert ev.is_correct(f"{value - 1}? No: {value}", row)
     assert not ev.is_correct(f"{value}, or maybe {value + 1}.", row)
     assert ev.is_correct(f"\\boxed{{{value}}} though 99 is near", row)  # a box still wins
-    assert hms.answer_of("no digits here", row) is None
+    assert answer_of("no digits here", row) is None
     # a completion cut off by max_new_tokens names no bare number (it is most often the question's own)
-    assert hms.answer_of(f"To add {value} and", row, finished=False) is None
+    assert answer_of(f"To add {value} and", row, finished=False) is None
     assert not ev.is_correct(f"so {value}", row, finished=False)
     assert ev.is_correct(f"\\boxed{{{value}}} and then", row, finished=False)  # a box is an answer anyway
     # benchmarks without answer_format keep the strict rule: no box, no answer
     math_row = {"id": "m", "problem": "1 + 1?", "answer": "2"}
-    assert hms.answer_of("it is 2", math_row) is None and ev.solver_messages(math_row)[0] == ev.SOLVER_SYSTEM
+    assert answer_of("it is 2", math_row) is None and prompts.solver_messages(math_row)[0] == prompts.SOLVER_SYSTEM
 
 
 def test_ctrl_c_keeps_the_questions_done_and_says_so_in_one_line(tmp_path, monkeypatch):
@@ -449,16 +385,6 @@ def test_a_rerun_interrupted_before_any_question_leaves_no_stale_metrics(tmp_pat
     assert not (tmp_path / "arith-tiny.json").exists()
 
 
-def test_numbers_parses_comma_separated_numbers_or_says_what_is_wrong():
-    assert ev.numbers(int, 1)("64,256") == [64, 256] and ev.numbers(int, 1, count=2)("8,512") == [8, 512]
-    for parse, text, message in [(ev.numbers(int, 1), "8,0", "must be an integer >= 1, not 0"),
-                                 (ev.numbers(int, 1), "8,,2", "must be an integer, not ''"),
-                                 (ev.numbers(int, 1, count=2), "abc", "must be 2 comma-separated integers, not 'abc'"),
-                                 (ev.numbers(int, 1, count=2), "1,2,3", "must be 2 comma-separated integers")]:
-        with pytest.raises(argparse.ArgumentTypeError, match=message):
-            parse(text)
-
-
 def test_results_are_named_by_the_whole_model_id_and_never_overwrite_another_models(tmp_path):
     assert ev.results_name("math500", "Qwen/Qwen3-1.7B-Base") == "math500-Qwen_Qwen3-1.7B-Base"
     assert ev.results_name("x/my.jsonl", "/home/me/runs/a/ckpt/") == "my-home_me_runs_a_ckpt"
@@ -466,3 +392,16 @@ def test_results_are_named_by_the_whole_model_id_and_never_overwrite_another_mod
     (tmp_path / "arith-a_b.json").write_text(json.dumps({"args": {"model": "a_b"}}))
     with pytest.raises(SystemExit, match="holds the results of model 'a_b'"):
         ev.main(["--model", "a/b", "--data", "arith", "--out-dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--n", "0"], "--n: must be an integer >= 1"), (["--top-p", "0"], "--top-p: must be a number > 0 and <= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens: must be an integer >= 1"), (["--limit", "0"], "--limit"),
+    (["--batch-size", "0"], "--batch-size: must be an integer >= 1"), (["--temperature", "-1"], "--temperature"),
+    (["--max-rows", "0"], "--max-rows"), (["--dtype", "float64"], "invalid choice"),
+])
+def test_eval_bad_numbers_are_one_line_from_the_parser(capsys, argv, says):
+    import eval as ev
+    with pytest.raises(SystemExit) as e:
+        ev.main(argv)
+    assert e.value.code == 2 and says in capsys.readouterr().err.strip().splitlines()[-1]

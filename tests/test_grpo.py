@@ -6,8 +6,11 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from grpo import (Rollouts, accumulate_gradients, allocate_state, count_flat_groups, group_advantages,
-                  grpo_loss, lr_schedule, make_optimizer, make_reference, pad_rollouts, step, token_logprobs)
+from grpo import (Rollouts, accumulate_gradients, count_flat_groups, group_advantages,
+                  grpo_loss, lr_schedule, make_optimizer, make_reference, make_scheduler, pad_rollouts, step,
+                  token_logprobs)
+from models import load_model
+
 
 V = 64
 
@@ -41,11 +44,8 @@ def random_batch(seed=1):
     return prompts, completions
 
 
-# ----------------------------------------------------------------------------- token_logprobs
-
 def sample_model(name):
-    sample = pytest.importorskip("sample")
-    return sample.load_model(name)[0]
+    return load_model(name)[0]
 
 
 @pytest.mark.parametrize("make_model", [
@@ -122,8 +122,6 @@ def test_eos_equal_to_pad_stays_in_the_loss():
     assert logp.grad[0, eos_pos] != 0 and logp.grad[0, eos_pos + 1] == 0
 
 
-# ----------------------------------------------------------------------------- advantages
-
 def test_group_advantages_by_hand():
     s = math.sqrt(3) / 2  # (1 - 0.5) / sqrt(1/3): unbiased std of [1, 0, 0, 1] is sqrt(1/3)
     torch.testing.assert_close(group_advantages([1, 0, 0, 1], 4), torch.tensor([s, -s, -s, s]))
@@ -143,8 +141,6 @@ def test_per_question_factor_cancels_under_std_only():
     assert not torch.allclose(group_advantages(scaled, 4, scale="none"),
                               group_advantages(rewards, 4, scale="none"))
 
-
-# ----------------------------------------------------------------------------- grpo_loss
 
 def naive_loss(logp, old, ref, A, mask, clip_eps, kl_coef, agg):
     B, T = len(logp), len(logp[0])
@@ -256,8 +252,6 @@ def test_clipping_stops_the_gradient_beyond_the_range():
     assert stats["clip_frac"] == 2 / 8
 
 
-# ----------------------------------------------------------------------------- step
-
 def rollouts_for(model, seed=1):
     ids, attn, comp = pad_batch(*random_batch(seed))
     with torch.no_grad():
@@ -351,7 +345,7 @@ def test_step_updates_and_reports():
     assert not any(p.requires_grad for p in ref_model.parameters())
     before = copy.deepcopy(model.state_dict())
     opt = make_optimizer(model, lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_schedule(s, 10))
+    sched = make_scheduler(opt, 10)  # lr_schedule over 10 steps
     batch = rollouts_for(model)
     batch.old_logp = None  # the release's single pass: rho = 1, nothing clipped, KL 0
     stats = step(model, opt, batch, 2, ref_model, sched)
@@ -410,77 +404,6 @@ def test_a_nan_gradient_skips_the_update():
     assert not step(model, optimizer, batch, 2, kl_coef=0.0)["skipped"]  # a finite step goes through
 
 
-def test_activation_estimate_grows_with_tokens_and_shrinks_with_checkpointing():
-    from grpo import activation_estimate, set_checkpointing
-    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=V, hidden_size=64, intermediate_size=192, num_hidden_layers=6,
-                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16))
-    logits = lambda t: 3 * min(1024, t) * V * 4
-    bytes_at = activation_estimate(model)
-    full = {t: bytes_at(t) - logits(t) for t in (1024, 4096)}
-    # linear in tokens, and at least each layer's input (64 float32 a token) is kept
-    assert 3.9 < full[4096] / full[1024] < 4.1 and full[1024] > 6 * 64 * 4 * 1024
-    set_checkpointing(model, True)
-    model.eval()
-    kept = activation_estimate(model)(4096) - logits(4096)
-    layers = model.get_decoder().layers
-    assert all(layer.gradient_checkpointing for layer in layers) and not model.training  # put back as it was
-    assert kept < full[4096] / 2.5
-    set_checkpointing(model, 2)  # layers 0, 2, 4 of 6: between the two
-    half = activation_estimate(model)(4096) - logits(4096)
-    assert [layer.gradient_checkpointing for layer in layers] == [True, False] * 3
-    assert kept < half < full[4096] and abs(half - (kept + full[4096]) / 2) < 0.15 * full[4096]
-    # a rebuilt layer is counted when the last layer is checkpointed (backward reaches it first), not the first
-    for layer, flag in zip(layers, [False, True] * 3):
-        layer.gradient_checkpointing = flag
-    odd = activation_estimate(model)(4096) - logits(4096)
-    assert full[4096] / 12 < odd - half < full[4096] / 3  # about one layer's activations
-    # three float32 logits chunks of min(chunk, tokens) x V: a micro-batch shorter than the chunk fills less
-    estimate, small = activation_estimate(model), activation_estimate(model, chunk=8)
-    assert estimate(8) == small(8) and estimate(100) - small(100) == 3 * (100 - 8) * V * 4
-
-
-def test_compiled_layers_give_the_eager_gradient_under_checkpointing():
-    # compile_layers (--compile): the decoder layers through torch.compile (Inductor's CPU code here), recomputed
-    # in backward by checkpointing, scored by a compiled reference too: the eager step's gradient and loss
-    from grpo import compile_layers, set_checkpointing
-    from torch._dynamo.utils import counters
-    model, ref_model = tiny_model(tie=True), tiny_model(seed=5)
-    batch = rollouts_for(model)
-    set_checkpointing(model, True)
-    model.train()
-    results, calls = [], []
-    for layer in model.get_decoder().layers:  # count the layers' checkpoint calls: compiled, they still checkpoint
-        layer._gradient_checkpointing_func = lambda *a, f=layer._gradient_checkpointing_func, **k: (
-            calls.append(len(results)), f(*a, **k))[1]
-    for compiled in (False, True):
-        if compiled:
-            compile_layers(model), compile_layers(ref_model)
-        model.zero_grad(set_to_none=True)
-        stats = accumulate_gradients(model, batch, None, ref_model, kl_coef=0.1, micro_batch_tokens=20)
-        results.append((stats["loss"], [p.grad.clone() for p in model.parameters()]))
-    assert counters["stats"]["unique_graphs"] > 0  # Inductor really ran
-    assert calls.count(0) == calls.count(1) > 0
-    assert math.isclose(results[0][0], results[1][0], rel_tol=1e-5)
-    for a, b in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-
-
-@pytest.mark.parametrize("every", [1, 2])
-def test_checkpointing_all_or_every_other_layer_keeps_the_gradient(every):
-    from grpo import set_checkpointing
-    model, ref_model = tiny_model(tie=True), tiny_model(seed=5)
-    batch = rollouts_for(model)
-    grads = []
-    for setting in (0, every):
-        set_checkpointing(model, setting)
-        model.train().zero_grad(set_to_none=True)
-        accumulate_gradients(model, batch, 2, ref_model, kl_coef=0.1)
-        grads.append([p.grad.clone() for p in model.parameters()])
-    assert [layer.gradient_checkpointing for layer in model.get_decoder().layers] == [True, every == 1]
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-
-
 def test_adamw_decays_every_weight_as_the_release():
     # the release decays all weights, norms included: on a zero gradient AdamW's step is the decay alone,
     # each weight times 1 - lr * weight_decay (its moments stay 0, so the Adam update adds 0)
@@ -493,23 +416,3 @@ def test_adamw_decays_every_weight_as_the_release():
     opt.step()
     assert all(torch.allclose(p, 0.95 * b) for p, b in zip(model.parameters(), before))
     assert any(name.endswith("norm.weight") for name, _ in model.named_parameters())  # norms are among them
-
-
-def test_adamw_state_allocated_up_front_gives_a_fresh_adamws_steps():
-    # allocate_state: the moments exist, as zeros, before the first step, and the weights are untouched; two
-    # steps on the same gradients then give what a fresh AdamW gives, bit for bit
-    a = tiny_model()
-    b = copy.deepcopy(a)
-    opt_a, opt_b = make_optimizer(a, lr=1e-2, weight_decay=0.1), make_optimizer(b, lr=1e-2, weight_decay=0.1)
-    allocate_state(opt_a)
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters())) and not opt_b.state
-    assert len(opt_a.state) == len(list(a.parameters())) and all(p.grad is None for p in a.parameters())
-    assert all(s["step"] == 0 and not s["exp_avg"].any() and not s["exp_avg_sq"].any() for s in opt_a.state.values())
-    assert opt_a.param_groups[0]["lr"] == 1e-2
-    for seed in (0, 1):
-        for model, opt in ((a, opt_a), (b, opt_b)):
-            g = torch.Generator().manual_seed(seed)
-            for p in model.parameters():
-                p.grad = torch.randn(p.shape, generator=g)
-            opt.step()
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

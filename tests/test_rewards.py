@@ -12,12 +12,21 @@ import pytest
 
 from rewards import div_penalty, format_score, fused_rewards, jsd, rewritten_problem, solve_rewards
 
+
 FULL = ("STRATEGY: make it concrete\nREWRITTEN PROBLEM: Ann has 3 apples and gets 4 more. How many?\n"
         "SOLUTION: 3 + 4 = 7, so \\boxed{7}.")
+
+
 MARKDOWN = ("**STRATEGY:** work backward\n\n## Rewritten Problem:\nA train has 3 cars and adds 4.\n\n"
             "**solution**: 3 + 4 = \\boxed{7}")
+
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
 PLACEHOLDERS = "STRATEGY: [...]\nREWRITTEN PROBLEM: <rewritten problem>\nSOLUTION: 3 + 4 = \\boxed{7}"
+
+
 WRONG = "STRATEGY: shift domain\nREWRITTEN PROBLEM: Ann has 3 apples and gets 4 more.\nSOLUTION: \\boxed{12}"
 
 
@@ -86,7 +95,11 @@ def test_solve_rewards():
 
 # P_format: FULL 0, WRONG 0 (wrong answer), PLACEHOLDERS 2/3, bare answer 1
 TEXTS1 = [FULL, WRONG, PLACEHOLDERS, "3 + 4 = \\boxed{7}"]
+
+
 ANSWERS1 = ["7", "12", "7", "7"]
+
+
 SAME0 = ["7", "12", "7", "7"]  # the same distribution as view 1: P_div = 1
 
 

