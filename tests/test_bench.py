@@ -183,6 +183,23 @@ def test_decode_step_variants_time_every_variant_of_the_same_step():
     assert engine.ATTENTION is None and engine.FUSED and not engine.COMPILE and engine.norm.__module__ == "engine"
 
 
+def test_a_decode_step_variant_that_fails_is_one_line_and_the_others_run(monkeypatch, capsys):
+    # as --compile's flex variant fails under Inductor's CPU code: the other variants are still timed
+    model = tiny_model("qwen3")
+    monkeypatch.setattr(engine, "compiled", lambda fn: fn)  # the torch.compile variant runs eagerly here
+
+    def no_kernel(*args, **kwargs):
+        raise RuntimeError("no kernel")
+    monkeypatch.setattr(engine, "flex", no_kernel)
+    with torch.no_grad():
+        results = bench.decode_step_variants(model, 2, 16)
+    names = [(r["rows"], r["name"]) for r in results]
+    assert len(names) == 7 and ("equal", "matmul attention") in names and ("spread", "sdpa attention") in names
+    assert not [name for _, name in names if "flex" in name]
+    assert capsys.readouterr().out.count("flex attention: failed (RuntimeError: no kernel)") == 2
+    assert engine.ATTENTION is None and not engine.COMPILE  # the switches put back after the failing variant
+
+
 def test_update_flops_by_hand():
     from types import SimpleNamespace
     config = SimpleNamespace(hidden_size=4, num_hidden_layers=1, num_attention_heads=2, head_dim=2,
