@@ -27,6 +27,13 @@ Run it:
     python eval.py --model Qwen/Qwen3-1.7B-Base --data math500 --data-dir ../shared/data --n 16 --greedy
 """
 
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while the imports load or the model does: stop at once, with the
+    for sig in (signal.SIGINT, signal.SIGTERM):  # shell's status (130, 143); main keeps what was done after that
+        signal.signal(sig, lambda signum, _: sys.exit(128 + signum))
+
 import argparse
 import json
 import os
@@ -171,6 +178,16 @@ STORIES = {  # ops -> the same computation told as a story, numbers in the order
 }
 
 
+def arith_size(level):
+    """How many distinct questions make_arith has at a level: a + b of one digit each; a + b or a - b with
+    a >= b of two digits; a + b - c of two digits each, c up to a + b."""
+    if level == 1:
+        return 9 * 9
+    if level == 2:
+        return 2 * (90 * 91 // 2)
+    return sum(min(99, a + b) - 9 for a in range(10, 100) for b in range(10, 100))
+
+
 def make_arith(n=16, seed=0, level=1):
     """
     n distinct questions "What is a + b?" (level 1: one-digit sums), "What is a - b?" or
@@ -180,8 +197,8 @@ def make_arith(n=16, seed=0, level=1):
     """
     if level not in (1, 2, 3):
         raise ValueError(f"arith level must be 1, 2 or 3, got {level}")
-    if level == 1 and n > 81:
-        raise ValueError(f"arith level 1 has only 81 distinct questions, asked for {n}")
+    if n > arith_size(level):
+        raise ValueError(f"arith level {level} has only {arith_size(level)} distinct questions, asked for {n}")
     rng, rows, seen = random.Random(seed), [], set()
     while len(rows) < n:
         if level == 1:
@@ -383,7 +400,10 @@ def main(argv=None):
     json_path = out / f"{results_name(args.data, args.model)}.json"
     samples_path = json_path.with_suffix(".samples.jsonl")
     if json_path.exists():  # the same name from another model (a_b and a/b): never overwrite its results
-        previous = json.loads(json_path.read_text()).get("args", {}).get("model")
+        try:
+            previous = json.loads(json_path.read_text()).get("args", {}).get("model")
+        except (ValueError, AttributeError):  # damaged (a write cut short before writes were atomic): no one's
+            previous = None
         if previous not in (None, args.model):
             raise SystemExit(f"{json_path} holds the results of model {previous!r}: pass another --out-dir")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -393,10 +413,14 @@ def main(argv=None):
     # the samples file is emptied below: an earlier run's metrics beside it would describe another run
     json_path.unlink(missing_ok=True)
 
-    def write(summary, **extra):
-        json_path.write_text(json.dumps({"args": vars(args), **extra, **summary}, indent=2) + "\n")
+    def write(summary, **extra):  # beside, then renamed in: a run killed while writing leaves the file whole
+        tmp = json_path.with_name(json_path.name + ".tmp")
+        tmp.write_text(json.dumps({"args": vars(args), **extra, **summary}, indent=2) + "\n")
+        os.replace(tmp, json_path)
 
-    # each completion is written as soon as its batch is graded: an interrupted run keeps them
+    # each completion is written as soon as its batch is graded: an interrupted run keeps them (from here
+    # Ctrl-C is a KeyboardInterrupt again, which the evaluation answers below)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with open(samples_path, "w") as f:
         graded = []
 

@@ -142,6 +142,10 @@ def check_device(name):
         raise SystemExit(f"unknown device {str(name)!r}: cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"device {str(name)!r}: this torch sees no CUDA GPU (torch.cuda.is_available() is False)")
+    try:  # any other kind (mps, xpu, ...): a tensor made there says whether this build and machine have it
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise SystemExit(f"device {str(name)!r}: this torch cannot use it ({str(e).strip().splitlines()[0][:120]})")
     return name
 
 

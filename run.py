@@ -4,11 +4,12 @@ A run's life on disk: the machinery behind the loop, from the command line to it
   flags        the number types that refuse a bad value in one line, the help that says each default once;
                which flags define a run (RUN_FLAGS: --resume takes them from the checkpoint and refuses
                other values) and which steer it (KEPT_FLAGS: --resume keeps the run's unless given again)
-  the folder   --out-dir, or a new runs/<model>-<data>-<selector>-<time>, made only once the start-up's
-               checks have passed; a new run's flags go to flags.json
-  checkpoints  ckpt/, a Hugging Face folder plus trainer.pt (AdamW, schedule, step, flags), written beside
-               and renamed into place after an fsync, so a run killed while saving keeps the last one;
-               --resume cuts the logs back to the checkpoint's step and goes on as if never stopped
+  the folder   --out-dir, or a new runs/<model>-<data>-<selector>-<time>, checked before anything loads
+               and made only once the start-up's checks have passed; a new run's flags go to flags.json;
+               one process at a time runs in it (its lock, which the kernel drops when the process ends)
+  checkpoints  ckpt/, a Hugging Face folder plus trainer.pt (AdamW, schedule, step, NaN streak, flags),
+               written beside and renamed into place after an fsync, so a run killed at any moment keeps a
+               whole checkpoint; --resume cuts the logs back to its step and goes on as if never stopped
   log lines    log.jsonl (a step's numbers, strict JSON), samples.jsonl (a step's first rollout texts),
                the line under the progress bar, curves.png (with matplotlib)
   stopping     Ctrl-C or SIGTERM finishes the step, saves and exits 130 / 143; a second Ctrl-C stops at
@@ -18,12 +19,14 @@ A run's life on disk: the machinery behind the loop, from the command line to it
 
 import argparse
 import errno
+import fcntl
 import json
 import math
 import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
@@ -115,15 +119,17 @@ def resume_args(args, argv, saved):
 # The folder and its checkpoints
 
 
-def open_run(args, argv, ddp):
+def open_run(args, argv, ddp, master=True):
     """The run's --out-dir and, under --resume, the state of its checkpoint. Refuses to write over another
     run; a run killed before its first checkpoint starts over; a resumed run takes its own flags
     (resume_args). --plot draws the curves of the folder's log and exits here. Makes nothing: the folder is
-    made by make_run_dir once the start-up checks have passed. Returns (args, out_dir, ckpt, state):
-    out_dir None for a new run with no --out-dir, state None unless resuming."""
+    made by make_run_dir once the start-up checks have passed. A folder another process runs in is one line
+    (hold). Returns (args, out_dir, ckpt, state): out_dir None for a new run with no --out-dir, state None
+    unless resuming."""
     if args.out_dir is None:
         if args.resume or args.plot:
             raise SystemExit("--resume and --plot need the run's --out-dir")
+        check_out_dir("runs")
         return args, None, None, None
     out_dir = Path(args.out_dir)
     if args.plot:
@@ -131,6 +137,13 @@ def open_run(args, argv, ddp):
                else None)
         raise SystemExit(f"wrote {png}" if png
                          else f"no plot: {out_dir}/log.jsonl missing or matplotlib not installed")
+    check_out_dir(args.out_dir)
+    if master and (out_dir / "lock").is_file():  # a run's folder: this process holds it before reading it
+        hold(out_dir)
+    for name in ("log.jsonl", "samples.jsonl", "flags.json"):
+        if (out_dir / name).exists() and not (out_dir / name).is_file():
+            raise SystemExit(f"{out_dir / name} is not a file: {out_dir} holds no run of this project; pass "
+                             "another --out-dir")
     if not args.resume and any((out_dir / f).exists() for f in ("log.jsonl", "ckpt", "ckpt.old")):
         raise SystemExit(f"{out_dir} holds a run already: pass --resume to continue it, or another --out-dir")
     ckpt = out_dir / "ckpt" if (out_dir / "ckpt").exists() else out_dir / "ckpt.old"
@@ -159,6 +172,61 @@ def open_run(args, argv, ddp):
             (out_dir / name).unlink(missing_ok=True)
         args.resume = False
     return args, out_dir, ckpt, state
+
+
+def check_out_dir(out_dir):
+    """One line, before anything loads or is written, when --out-dir cannot be a run's folder: no name, a
+    file, a folder below a file, a name too long, or a place this process cannot write in (a read-only
+    disk, /proc, another user's folder). Tried by making and removing a folder where the run's will be."""
+    if not str(out_dir):
+        raise SystemExit("--out-dir '' names no folder: pass the run's folder")
+    path = Path(out_dir).absolute()
+    there, to_make = Path(path.anchor), list(path.parts[1:])  # there: the deepest part that exists
+    while to_make and len(to_make[0]) <= os.pathconf(there, "PC_NAME_MAX") and (there / to_make[0]).exists():
+        there = there / to_make.pop(0)
+    if not there.is_dir():
+        raise SystemExit(f"--out-dir {out_dir}: {there} is a file, not a folder")
+    longest = os.pathconf(there, "PC_NAME_MAX")
+    if any(len(name) > longest for name in to_make):
+        raise SystemExit(f"--out-dir {out_dir}: a name in it is longer than the {longest} characters a name "
+                         "can have here")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".selfharmony-", dir=there))
+    except OSError as e:
+        raise SystemExit(f"--out-dir {out_dir}: cannot write in {there} ({e.strerror or e})")
+
+
+_HELD = {}  # the run folders this process holds: folder -> its lock file, open (the lock lives while it is)
+
+
+def hold(out_dir):
+    """One process a run folder: a lock on out_dir/lock, taken before the run first writes there and held
+    until it ends (let_go) or its process does (the kernel then drops it, after a kill -9 too). A folder
+    that another process holds is one line naming its process id. The lock is fcntl's, which belongs to
+    a process: the same process takes it again at once (a test that runs, then resumes, in one process)."""
+    folder = Path(out_dir).resolve()
+    if folder in _HELD:
+        return
+    lock = open(folder / "lock", "a+")
+    try:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise SystemExit(f"{out_dir} is in use by another run (process {holder}): wait for it to end, or "
+                         "pass another --out-dir")
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    _HELD[folder] = lock
+
+
+def let_go(out_dir):
+    """The folder hold took, free for another process."""
+    lock = _HELD.pop(Path(out_dir).resolve(), None)
+    if lock is not None:
+        lock.close()
 
 
 def unreadable(path, error):
@@ -191,6 +259,8 @@ def make_run_dir(args, out_dir, ddp, master):
             dist.broadcast_object_list(name, src=0)
         args.out_dir, out_dir = name[0], Path(name[0])
     out_dir.mkdir(parents=True, exist_ok=True)
+    if master:
+        hold(out_dir)
     if master and not args.resume:
         tmp = out_dir / "flags.json.tmp"
         tmp.write_text(json.dumps({k: getattr(args, k) for k in RUN_FLAGS + KEPT_FLAGS}))
@@ -217,10 +287,11 @@ def load_models(args, ckpt, device):
     return model, tokenizer, ref_model
 
 
-def save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step, args, master=True, ddp=False):
+def save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step, args, master=True, ddp=False, skips=0):
     """The checkpoint of `step`: the model as a Hugging Face folder plus trainer.pt (AdamW, schedule, step,
-    flags). Under torchrun every rank calls it: under --fsdp the weights and AdamW's state are gathered
-    whole onto rank 0's CPU (AdamW's keyed by weight name), rank 0 writes, and every rank waits for it."""
+    the NaN streak `skips`, flags). Under torchrun every rank calls it: under --fsdp the weights and AdamW's
+    state are gathered whole onto rank 0's CPU (AdamW's keyed by weight name), rank 0 writes, and every rank
+    waits for it."""
     weights, optim = None, None  # weights None: save_pretrained reads the model's own
     if args.fsdp:
         whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -231,31 +302,34 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step, args,
     elif master:
         optim = optimizer.state_dict()
     if master:
-        trainer = {"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(), "args": vars(args)}
+        trainer = {"step": step, "skips": skips, "optimizer": optim, "scheduler": scheduler.state_dict(),
+                   "args": vars(args)}
         write_checkpoint(out_dir, model, tokenizer, weights, trainer)
     if ddp:
         dist.barrier()
 
 
 def write_checkpoint(out_dir, model, tokenizer, weights, trainer):
-    """ckpt/, written beside as ckpt.tmp and then renamed in: a run killed while saving keeps the previous
-    checkpoint. A write that fails (a full disk) is one line, and the last checkpoint stands."""
+    """ckpt/, written beside as ckpt.tmp and then renamed in, so that a kill at any moment leaves a whole
+    checkpoint that --resume reads: ckpt, or (between the two renames) ckpt.old; and the next save works
+    from any state a kill leaves (a ckpt.tmp, a ckpt.old beside ckpt or alone). A write that fails (a full
+    disk) is one line, leaves no ckpt.tmp, and the last checkpoint stands."""
     tmp, final, old = out_dir / "ckpt.tmp", out_dir / "ckpt", out_dir / "ckpt.old"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
         torch.save(trainer, tmp / "trainer.pt")
-    except (OSError, RuntimeError) as e:
-        # a full disk: torch says "[enforce fail at inline_container.cc:672]"
+        sync(tmp)  # on disk before the rename: a crash or power cut never leaves a renamed, half-written ckpt
+    except (OSError, RuntimeError, SafetensorError) as e:
+        # a full disk: torch says "[enforce fail at inline_container.cc:672]", safetensors "No space left"
         shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(out_dir).free / 2**30
         raise SystemExit(f"could not write the checkpoint of step {trainer['step']} to {out_dir} "
                          f"({str(e).strip()[:200]}); {free:.1f} GiB free there. The last checkpoint stands: "
                          "free some space, then --resume")
-    # on disk before the rename, so that a crash or power cut never leaves a renamed, half-written ckpt
-    sync(tmp)
-    if final.exists():
+    if final.exists():  # a ckpt.old beside a whole ckpt is stale: a kill after the second rename left it
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
     sync(out_dir)  # and the renames themselves
@@ -293,6 +367,7 @@ def restore(state, model, optimizer, scheduler, args, out_dir, total_steps, ddp,
     ended = state["step"] >= total_steps and (final_eval or args.no_eval)
     if ended and master:
         print(f"{out_dir} holds a finished run ({total_steps} steps): nothing to do")
+        let_go(out_dir)
     return ended
 
 

@@ -22,6 +22,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import engine
 import grpo
@@ -48,6 +49,12 @@ def start_ranks(args):
     return ddp, rank, world, device
 
 
+def work_bar(total, desc, unit):
+    """A progress bar for a part of a step (sampling, the update), on rank 0 only, gone when done."""
+    quiet = dist.is_initialized() and dist.get_rank() > 0
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=quiet)
+
+
 def gather(obj, world):
     """Every rank's obj, in rank order (a list of one element without torchrun)."""
     if world == 1:
@@ -63,7 +70,8 @@ def gather(obj, world):
 def prepare(model, ref_model, args, world, device, compute_dtype, master=True):
     """The loop's model set up to run at scale, in the order each part needs: checkpointing
     (--grad-checkpointing); the sampling copy, its projections joined for the fast engine (engine.fuse);
-    the memory budgets, with the plan's line printed; the FSDP2 shards (--fsdp); the compiled layers
+    the memory budgets, with the plan's line printed (a plan that will not fit stops the run here, before
+    anything is written); the FSDP2 shards (--fsdp); the compiled layers
     (--compile, after the copies, which would call these layers, and after the sharding: compile_layers).
     Returns (policy, sampler, ref_model): policy is model, or under --fsdp its sharded grpo.Scorer (and
     ref_model the reference's); `model` keeps holding the weights, which AdamW steps."""
@@ -77,7 +85,9 @@ def prepare(model, ref_model, args, world, device, compute_dtype, master=True):
     if sampler is not model and args.engine == "fast" and engine.supports(sampler):
         # q / k / v and gate / up weights joined (the sync's copies write through): 4 matmuls a layer for 7
         engine.fuse(sampler)
-    plan = set_budgets(args, model, sampler, ref_model, world, device, compute_dtype)
+    plan, fits = set_budgets(args, model, sampler, ref_model, world, device, compute_dtype)
+    if not fits:
+        raise SystemExit(plan)
     if master:
         print(plan)
     policy, ref_layers = model, ref_model
@@ -243,11 +253,15 @@ def memory_plan(parts, activations_at, sampler, args, world, device, gathered=0)
     activations (activations_at, from activation_estimate; the sampler frees its cache before the
     update) with, under --fsdp, the weights and gradients FSDP holds whole (gathered, from
     gathered_bytes). A row longer than --micro-batch-tokens is a micro-batch of its own, so the
-    widest one holds max(budget, the longest row) tokens."""
+    widest one holds max(budget, the longest row) tokens. The KV cache: the budget, but at least one whole
+    row; with no budget (the CPU) every row of a call: one view's rollouts, or an evaluation's batch."""
     longest = args.max_prompt_tokens + args.max_new_tokens
-    kv = (args.kv_cache_gb * 2**30 if args.kv_cache_gb else  # no budget: one view's rollouts at a time
-          kv_bytes_per_token(sampler.config, next(sampler.parameters()).dtype) * args.batch_size // world
-          * args.n_rollouts * longest)
+    per_token = kv_bytes_per_token(sampler.config, next(sampler.parameters()).dtype)
+    rollouts = per_token * args.batch_size // world * args.n_rollouts * longest
+    evals = 0 if args.no_eval else (per_token * args.batch_size * args.eval_n
+                                    * (args.max_prompt_tokens + (args.eval_max_new_tokens or args.max_new_tokens)))
+    kv = (max(args.kv_cache_gb * 2**30, per_token * engine.cache_columns(longest)) if args.kv_cache_gb
+          else max(rollouts, evals))
     tokens = max(args.micro_batch_tokens, longest) if args.micro_batch_tokens else args.micro_batch * longest
     activations = activations_at(tokens)
     total = sum(parts.values()) + max(kv, activations + gathered)
@@ -274,13 +288,18 @@ def memory_plan(parts, activations_at, sampler, args, world, device, gathered=0)
         switches.append("a lower --micro-batch")
     elif args.micro_batch_tokens > longest:  # at or below the longest row, a lower budget saves nothing
         switches.append("a lower --micro-batch-tokens")
-    switches += ["a lower --kv-cache-gb"] + (["--fsdp under torchrun"] if not args.fsdp else [])
+    if args.kv_cache_gb:
+        switches.append("a lower --kv-cache-gb")
+    else:  # every row of a call in flight: fewer or shorter rows
+        switches.append("a lower --batch-size, --n-rollouts or --max-new-tokens" +
+                        (" (or --eval-n, --eval-max-new-tokens)" if evals > rollouts else ""))
+    switches += ["--fsdp under torchrun"] if not args.fsdp else []
     return line + ". It will not fit: try " + ", ".join(switches), False
 
 
 def set_budgets(args, model, sampler, ref_model, world, device, compute_dtype):
-    """The defaults of the two memory budgets, set in args where not given, and memory_plan's line for
-    them. --kv-cache-gb: on CUDA half the free memory, less what is not on the device yet (gradients,
+    """The defaults of the two memory budgets, set in args where not given, and memory_plan's (line, fits)
+    for them. --kv-cache-gb: on CUDA half the free memory, less what is not on the device yet (gradients,
     AdamW, and under --fsdp the shards). --micro-batch-tokens: 16,384 on CUDA, halved until the estimate
     fits or reaches the longest row (0 on the CPU: micro-batches of --micro-batch rows)."""
     auto_budget = args.micro_batch_tokens is None and device.startswith("cuda")
@@ -300,7 +319,7 @@ def set_budgets(args, model, sampler, ref_model, world, device, compute_dtype):
     while auto_budget and not fits and args.micro_batch_tokens // 2 >= max(1024, longest):
         args.micro_batch_tokens //= 2
         plan, fits = memory_plan(parts, activations_at, sampler, args, world, device, gathered)
-    return plan
+    return plan, fits
 
 
 def peak_gib(device):

@@ -17,11 +17,10 @@ release's), `separate` (the paper's three calls: solve x; rewrite x into x'; sol
 solver prompt; only the solving rollouts are trained), `given` (x' is a paraphrase the data row
 provides, Co-Reward's offline setting; `arith` rows carry one). --selector picks the label: hms,
 mv (each view its own vote, the release's baseline), mv0 (view 0's vote for both, TTRL), mv2
-(pooled vote), cross (Co-Reward), gt (the gold answer: the upper bound). Every
-selector's label accuracy is logged on the same rollouts whatever trains; the gold answer is read
-only to measure, unless --selector gt. The machinery behind the loop lives in run.py (the run's
-folder, checkpoints, logs, signals), models.py (--model), scale.py (GPU memory, torchrun, FSDP2)
-and engine.py (the fast sampler).
+(pooled vote), cross (Co-Reward), gt (the gold answer: the upper bound). Every selector's label
+accuracy is logged on the same rollouts whatever trains; the gold answer is read only to measure,
+unless --selector gt. The machinery behind the loop: run.py (the run's folder, checkpoints, logs,
+signals), models.py (--model), scale.py (GPU memory, torchrun, FSDP2), engine.py (the fast sampler).
 
     python selfharmony.py --model tiny --data arith --steps 2          # seconds: the machinery
     python selfharmony.py --model smollm2 --data arith --reframe given  # the offline CPU demo (README)
@@ -29,6 +28,13 @@ and engine.py (the fast sampler).
     torchrun --standalone --nproc_per_node=8 selfharmony.py --model Qwen/Qwen3-4B-Base \\
         --fsdp --grad-checkpointing ...
 """
+
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while the imports load or the run starts: stop at once, with
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the shell's status (130, 143); main's own handlers take over
+        signal.signal(sig, lambda signum, _: sys.exit(128 + signum))
 
 import argparse
 import time
@@ -80,7 +86,7 @@ def rollout(sampler, tokenizer, rows, args, generator, stops):
 
     def draw(batch, n=args.n_rollouts):
         in_flight = scale.max_rows(sampler, max(map(len, batch)) + args.max_new_tokens, args, len(rows) * n)
-        with work_bar(len(batch) * n, "rollouts", "rollout") as bar:
+        with scale.work_bar(len(batch) * n, "rollouts", "rollout") as bar:
             return generate(sampler, batch, args.max_new_tokens, n=n, temperature=args.temperature,
                             stop_ids=stops, generator=generator, max_rows=in_flight, progress=bar.update)
 
@@ -144,7 +150,7 @@ def train_step(model, policy, sampler, tokenizer, optimizer, scheduler, ref_mode
     batch = grpo.Rollouts(*grpo.pad_rollouts(pairs, pad_id), advantages, views=views).to(model.device)
     t2 = time.perf_counter()
     policy.train()
-    with autocast, work_bar(len(episodes), "update", "row") as bar:
+    with autocast, scale.work_bar(len(episodes), "update", "row") as bar:
         stats = grpo.step(policy, optimizer, batch, None if args.micro_batch_tokens else args.micro_batch,
                           ref_model, scheduler, max_grad_norm=args.max_grad_norm, clip_eps=args.clip_eps,
                           kl_coef=args.kl_coef, temperature=args.temperature, agg=args.loss_agg,
@@ -154,12 +160,6 @@ def train_step(model, policy, sampler, tokenizer, optimizer, scheduler, ref_mode
     if mem_sample is not None:  # CUDA: the peaks that the start-up's memory estimate predicts
         stats.update(mem_sample=mem_sample, mem_update=scale.peak_gib(sampler.device))
     return dict(records=records, episodes=episodes, rewrites=rewrites, stats=stats)
-
-
-def work_bar(total, desc, unit):
-    """A progress bar for a part of a step (sampling, the update), on rank 0 only, gone when done."""
-    quiet = dist.is_initialized() and dist.get_rank() > 0
-    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=quiet)
 
 # -----------------------------------------------------------------------------
 # The loop: its flags (one line each where it fits; argparse says each default in --help), then main
@@ -199,7 +199,7 @@ flag("--kv-cache-gb", type=number(float, 0, above=True), default=None,
 flag("--temperature", type=number(float, 0, above=True), default=1.0,
      help="sampling temperature, also divides logits when scoring")
 # optimisation
-flag("--lr", type=number(float, 0, above=True), default=3e-6, help="AdamW learning rate")
+flag("--lr", type=number(float, 0, 1e37, above=True), default=3e-6, help="AdamW learning rate")
 flag("--weight-decay", type=number(float, 0), default=0.01, help="AdamW weight decay")
 flag("--warmup", type=number(float, 0, 1), default=0.1,
      help="share of the steps for linear warm-up, then cosine (the first step at 1/warm-up steps of --lr, "
@@ -249,7 +249,7 @@ flag("--stop-after", type=number(int, 0), default=0,
 flag("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 flag("--dtype", default=None, choices=("float32", "bfloat16"),
      help="compute dtype of sampling and the update's autocast (default: bfloat16 on cuda, float32 on cpu)")
-flag("--seed", type=number(int, 0), default=0, help="seed of data order and sampling")
+flag("--seed", type=number(int, 0, 2**32 - 1), default=0, help="seed of data order and sampling")
 
 
 def parse_args(argv=None):
@@ -281,6 +281,19 @@ def batch_indices(step, n_questions, batch_size, seed):
     return order[k * batch_size : (k + 1) * batch_size].tolist(), epoch
 
 
+def drawn_questions(start, total_steps, n_questions, batch_size, seed):
+    """The questions that steps start .. total_steps - 1 draw (batch_indices'), each once: an epoch at a
+    time, stopping once every question is drawn, so that a run of 10^15 steps is read in a few epochs."""
+    per_epoch, drawn, step = n_questions // batch_size, set(), start
+    while step < total_steps and len(drawn) < n_questions:
+        epoch, k = divmod(step, per_epoch)
+        end = min(total_steps, (epoch + 1) * per_epoch)  # this epoch's last step of the run, + 1
+        order = np.random.default_rng([seed, epoch]).permutation(n_questions)
+        drawn.update(order[k * batch_size : (end - epoch * per_epoch) * batch_size].tolist())
+        step = end
+    return drawn
+
+
 def run_eval(step, sampler, tokenizer, questions, args, rank, world, log_path):
     """mean@k / maj@k / pass@k on the run's questions at --eval-every steps, the start and the end: each
     rank samples its share, rank 0 logs (the paper's protocol: temperature 0.8, top-p 0.95)."""
@@ -305,10 +318,10 @@ def main(argv=None):
     args = parse_args(argv)
     ddp, rank, world, device = scale.start_ranks(args)
     master = rank == 0
-    args, out_dir, ckpt, state = run.open_run(args, argv, ddp)
+    args, out_dir, ckpt, state = run.open_run(args, argv, ddp, master)
     torch.manual_seed(args.seed)
     questions, total_steps = load_questions(args, world)
-    start = state["step"] if args.resume else 0
+    start, skips = (state["step"], state.get("skips", 0)) if args.resume else (0, 0)  # skips: the NaN streak
 
     # weights stay float32 (AdamW's lr-3e-6 updates vanish in bfloat16); bfloat16 is autocast compute. Under
     # --fsdp the whole float32 weights stay on the CPU until fully_shard moves each rank's shard over
@@ -318,8 +331,7 @@ def main(argv=None):
     home = "cpu" if args.fsdp else device
     model, tokenizer, ref_model = run.load_models(args, ckpt, home)
     # the prompts of every question the run's steps draw fit --max-prompt-tokens: checked here, not hours in
-    drawn = {i for s in range(start, total_steps) for i in batch_indices(s, len(questions), args.batch_size,
-                                                                         args.seed)[0]}
+    drawn = drawn_questions(start, total_steps, len(questions), args.batch_size, args.seed)
     prompts.first_prompts(tokenizer, [questions[i] for i in sorted(drawn)], args.reframe, args.thinking_block,
                           args.max_prompt_tokens)
     policy, sampler, ref_model = scale.prepare(model, ref_model, args, world, device, compute_dtype, master)
@@ -338,7 +350,7 @@ def main(argv=None):
     log_path = out_dir / "log.jsonl"
     evaluate_at = lambda step: run_eval(step, sampler, tokenizer, questions, args, rank, world, log_path)
 
-    skips, last_save, step = 0, time.monotonic(), start - 1  # step: the one in progress, for exits_explained
+    last_save, step = time.monotonic(), start - 1  # step: the one in progress, for exits_explained
     with (run.stop_signals() as stop, run.exits_explained(out_dir, lambda: step + 1),
           tqdm(initial=start, total=total_steps, disable=not master, desc="train") as bar):
         if start == 0:
@@ -365,7 +377,8 @@ def main(argv=None):
                 evaluate_at(step + 1)
             # save_due on every rank (a collective), before the others: rank 0's stop request is every rank's
             if run.save_due(step + 1, args, last_save, stop, ddp) or stop or done:
-                run.save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step + 1, args, master, ddp)
+                run.save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step + 1, args, master, ddp,
+                                    skips=skips)
                 last_save = time.monotonic()
             if stop:
                 if master:
@@ -377,6 +390,7 @@ def main(argv=None):
                 run.plot_run(out_dir)
     if ddp:
         dist.destroy_process_group()
+    run.let_go(out_dir)
     if stop and stop[0]:  # stopped by a signal (0: --stop-after), the checkpoint written
         raise SystemExit(128 + stop[0])
 

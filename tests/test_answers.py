@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from answers import answer_of, extract_answer, extract_choice, gold_answer, normalize_answer
+from answers import MAX_DEPTH, answer_of, extract_answer, extract_choice, gold_answer, normalize_answer
 from hms import harmonic_mean_select, majority_vote
 
 
@@ -283,11 +283,18 @@ ADVERSARIAL = {
     "1 MB": "The answer is {x} so \\frac{1}{2} " * 30_000 + r"\boxed{42}",
     "10,000 {": "{" * 10_000,
     "10,000 empty boxes": r"\boxed{}" * 10_000,
+    # under the box's length cap: each nesting level cost the normal form a pass over the text (seconds)
+    "4,990 nested braces": r"\boxed{" + "{" * 4990 + "5" + "}" * 4990 + "}",
+    "1,400 nested text": r"\boxed{" + r"\text{" * 1400 + "5" + "}" * 1400 + "}",
+    "5,000 entries": r"\boxed{\{" + ",".join("1" for _ in range(4900)) + r"\}}",
+    "1,600 mixed numbers": r"\boxed{" + ",".join(f"{i} 1/{i + 2}" for i in range(1600)) + "}",
 }
 
 
 @pytest.mark.parametrize("name", ADVERSARIAL)
-@pytest.mark.parametrize("fn", [extract_answer, normalize_answer, lambda s: extract_choice(s, 4)])
+@pytest.mark.parametrize("fn", [extract_answer, normalize_answer, lambda s: extract_choice(s, 4),
+                                lambda s: answer_of(s, {"answer": "5"})], ids=["extract", "normalize", "choice",
+                                                                               "answer_of"])
 def test_adversarial_text_is_fast_and_never_raises(fn, name):
     text = ADVERSARIAL[name]
     best = float("inf")
@@ -303,3 +310,9 @@ def test_adversarial_answers():
     assert extract_answer(ADVERSARIAL["1 MB"]) == "42"
     for name in ("no box", "unbalanced", "10,000 {", "10,000 empty boxes"):
         assert extract_answer(ADVERSARIAL[name]) is None
+    # brackets nested deeper than MAX_DEPTH hold no answer; up to it, the wrappers go as ever
+    row = {"answer": "5"}
+    assert [answer_of(ADVERSARIAL[name], row) for name in ("4,990 nested braces", "1,400 nested text")] == [None] * 2
+    nested = lambda depth: r"\boxed{" + "{" * depth + "5" + "}" * depth + "}"
+    assert answer_of(nested(MAX_DEPTH), row) == "5" and answer_of(nested(MAX_DEPTH + 1), row) is None
+    assert normalize_answer("{" * 40 + "5" + "}" * 40) == "{" * 40 + "5" + "}" * 40  # left as it is

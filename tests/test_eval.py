@@ -3,6 +3,7 @@
 import io
 import json
 import operator
+import os
 import re
 from pathlib import Path
 
@@ -405,3 +406,18 @@ def test_eval_bad_numbers_are_one_line_from_the_parser(capsys, argv, says):
     with pytest.raises(SystemExit) as e:
         ev.main(argv)
     assert e.value.code == 2 and says in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_damaged_results_file_counts_as_none_and_results_are_written_whole(tmp_path, monkeypatch):
+    # a run killed while writing its results left half a file (results were written in place): a later run is not
+    # stopped by it, and now writes beside, then renames
+    argv = ["--model", "tiny", "--data", "arith", "--arith-n", "2", "--n", "2", "--max-new-tokens", "3",
+            "--out-dir", str(tmp_path)]
+    (tmp_path / "arith-tiny.json").write_text('{"args": {"model": "ti')
+    renames = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: renames.append((Path(src).name, Path(dst).name)) or
+                        real_replace(src, dst))
+    summary = ev.main(argv)
+    assert json.loads((tmp_path / "arith-tiny.json").read_text())["mean@2"] == summary["mean@2"]
+    assert renames == [("arith-tiny.json.tmp", "arith-tiny.json")] and not (tmp_path / "arith-tiny.json.tmp").exists()

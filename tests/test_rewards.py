@@ -148,6 +148,7 @@ ADVERSARIAL = {
     "1 MB": "STRATEGY: a {b} c\nREWRITTEN PROBLEM: " + "a {b} \\frac{1}{2} " * 60_000 + "\nSOLUTION: \\boxed{1}",
     "10,000 {": "{" * 10_000,
     "1 MB of stars": "*" * 1_000_000,
+    "4,990 nested braces": "STRATEGY: x\nSOLUTION: \\boxed{" + "{" * 4990 + "5" + "}" * 4990 + "}",
 }
 
 
@@ -169,3 +170,16 @@ def test_p_div_is_the_same_number_in_every_process():
                            env={**os.environ, "PYTHONHASHSEED": str(seed), "PYTHONPATH": str(ROOT)}).stdout
             for seed in range(6)}
     assert len(outs) == 1 and float(outs.pop()) == pytest.approx(div_penalty(a0, a1), abs=0)
+
+
+def test_p_div_of_5000_distinct_answers_is_fast():
+    # each view's distribution by one count of its answers (a list's count of each answer took 1.3 s here)
+    answers0, answers1 = [str(i) for i in range(5000)], [str(i) for i in range(2500, 7500)]
+    best = float("inf")
+    for _ in range(3):  # best of three: the machine is shared
+        start = time.perf_counter()
+        p_div = div_penalty(answers0, answers1)
+        rewards = fused_rewards(["SOLUTION: \\boxed{1}"] * 5000, answers1, answers0, "2600")
+        best = min(best, time.perf_counter() - start)
+    # half of each view's mass on answers the other never gives: JSD = ln 2 / 2, P_div = 1/2
+    assert p_div == pytest.approx(0.5) and sum(rewards) > 0 and best < 0.05 * 2  # two calls

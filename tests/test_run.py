@@ -122,7 +122,7 @@ def test_a_second_ctrl_c_in_the_first_evaluation_is_one_line_then_resume_starts_
         selfharmony.main(TINY + ["--selector", "mv", "--steps", "1"] + run)
     assert stopped.value.code == 128 + signal.SIGINT  # the shell's status for Ctrl-C
     assert "interrupted in step 0; --resume" in capsys.readouterr().err
-    assert {p.name for p in tmp_path.iterdir()} == {"flags.json"}  # killed before any log line
+    assert {p.name for p in tmp_path.iterdir()} == {"flags.json", "lock"}  # killed before any log line
     monkeypatch.undo()
     selfharmony.main(["--resume", "--no-eval"] + run)  # starts over with the run's flags (tiny, mv), not the defaults
     assert [r["step"] for r in read_log(tmp_path)] == [1]
@@ -282,7 +282,7 @@ def test_save_minutes_saves_once_that_long_has_passed_since_the_last_save(tmp_pa
     for reader in ("selfharmony.time", "run.time"):  # the loop notes when it saved, run.save_due compares
         monkeypatch.setattr(reader, clock_time)
     monkeypatch.setattr(selfharmony, "train_step", step_of_40_seconds)
-    monkeypatch.setattr("run.save_checkpoint", lambda *a: saves.append(a[5]) or real_save(*a))
+    monkeypatch.setattr("run.save_checkpoint", lambda *a, **k: saves.append(a[5]) or real_save(*a, **k))
     selfharmony.main(TINY + ["--steps", "5", "--no-eval", "--save-minutes", "1", "--out-dir", str(tmp_path)])
     assert saves == [2, 4, 5]
 
@@ -367,3 +367,123 @@ def test_numbers_parses_comma_separated_numbers_or_says_what_is_wrong():
                                  (numbers(int, 1, count=2), "1,2,3", "must be 2 comma-separated integers")]:
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             parse(text)
+
+
+def test_a_kill_after_the_second_rename_resumes_and_saves_again(tmp_path, monkeypatch, finished_run):
+    # killed after ckpt.tmp became ckpt, before the stale ckpt.old went: a later save must replace that stale one
+    # (it failed with 'Directory not empty', and so did every later --resume)
+    straight, argv = finished_run(STRAIGHT), STRAIGHT + ["--out-dir", str(tmp_path)]
+    real_rmtree = shutil.rmtree
+
+    def killed_before_the_stale_copy_goes(path, *args, **kwargs):
+        if Path(path).name == "ckpt.old" and Path(path).exists() and not (tmp_path / "ckpt.tmp").exists():
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_before_the_stale_copy_goes)
+    with pytest.raises(SystemExit):
+        selfharmony.main(argv)
+    steps = [torch.load(tmp_path / d / "trainer.pt", weights_only=False)["step"] for d in ("ckpt", "ckpt.old")]
+    assert steps == [2, 1]  # the second save's renames done, its stale copy left
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    selfharmony.main(argv + ["--resume"])
+    assert not (tmp_path / "ckpt.old").exists() and untimed(tmp_path) == untimed(straight)
+    a, b = final_weights(straight), final_weights(tmp_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_safetensors_full_disk_error_is_one_line_and_leaves_no_tmp(tmp_path, monkeypatch):
+    # the weights' own writer raises its own error on a full disk, not an OSError
+    import transformers.modeling_utils as modeling
+    from safetensors import SafetensorError
+    real, calls = modeling.safe_save_file, []
+
+    def full_on_the_second_save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                                  "\"No space left on device\" })")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(modeling, "safe_save_file", full_on_the_second_save)
+    with pytest.raises(SystemExit, match=r"could not write the checkpoint of step 2 .*No space left.* The last "
+                                         "checkpoint stands"):
+        selfharmony.main(TINY + ["--steps", "3", "--no-eval", "--save-every", "1", "--out-dir", str(tmp_path)])
+    assert not (tmp_path / "ckpt.tmp").exists()
+    assert torch.load(tmp_path / "ckpt" / "trainer.pt", weights_only=False)["step"] == 1
+
+
+def test_one_process_a_run_folder_and_a_killed_one_leaves_it_free(tmp_path):
+    # another process holds the folder (as a live run does, from the moment it makes it): a second run there and a
+    # --resume are refused, naming it; killed (kill -9), it holds nothing
+    argv = TINY + ["--steps", "2", "--no-eval", "--out-dir", str(tmp_path)]
+    selfharmony.main(argv + ["--stop-after", "1"])  # this process lets the folder go when main ends
+    holder = subprocess.Popen([sys.executable, "-c", f"import run, time; run.hold({str(tmp_path)!r}); "
+                               "print('held', flush=True); time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for again in (["--resume"], ["--steps", "1"]):
+            with pytest.raises(SystemExit, match=rf"{tmp_path} is in use by another run \(process {holder.pid}\)"):
+                selfharmony.main(argv[:-2] + ["--out-dir", str(tmp_path)] + again)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [r["step"] for r in read_log(tmp_path)] == [1]  # the refused runs wrote nothing
+    selfharmony.main(["--resume", "--out-dir", str(tmp_path)])
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2]
+
+
+def test_the_nan_streak_is_counted_across_a_resume(tmp_path, monkeypatch):
+    # skipped, skipped | resume | skipped: the third in a row stops the run, as it would have uninterrupted
+    pattern, real_step = iter([True, True, True, False]), grpo.step
+    monkeypatch.setattr(grpo, "step", lambda *a, **k: {**real_step(*a, **k), "skipped": next(pattern)})
+    argv = TINY + ["--steps", "4", "--no-eval", "--out-dir", str(tmp_path)]
+    selfharmony.main(argv + ["--stop-after", "2"])
+    assert torch.load(tmp_path / "ckpt" / "trainer.pt", weights_only=False)["skips"] == 2
+    with pytest.raises(SystemExit, match="stopped at step 3: the gradient was NaN or inf in 3 steps in a row"):
+        selfharmony.main(["--resume", "--out-dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_before_the_first_step_stops_at_once_with_the_shells_status(tmp_path, signum):
+    # while the imports load: Python's own KeyboardInterrupt traceback (exit -2) before
+    run = subprocess.Popen([sys.executable, str(ROOT / "selfharmony.py")] + TINY + ["--out-dir", str(tmp_path)],
+                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    run.send_signal(signum)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 128 + signum and "Traceback" not in err
+
+
+@pytest.mark.parametrize("out_dir, says", [
+    ("", "--out-dir '' names no folder"),
+    ("a-file", "is a file, not a folder"),
+    ("a-file/run", "is a file, not a folder"),
+    ("x" * 300, "a name in it is longer than the 255 characters"),
+    ("/proc/selfharmony-run", "cannot write in /proc"),
+])
+def test_an_out_dir_that_cannot_be_a_run_folder_is_one_line_before_the_model_loads(tmp_path, monkeypatch, out_dir,
+                                                                                    says):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr("run.load_models", lambda *a: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit, match=re.escape(says)):
+        selfharmony.main(TINY + ["--out-dir", out_dir])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_a_read_only_out_dir_is_one_line(tmp_path, monkeypatch):
+    # (root writes in a folder whatever its mode: the refusal of a read-only disk is played by mkdtemp)
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr("tempfile.mkdtemp", refused)
+    with pytest.raises(SystemExit, match=f"--out-dir {tmp_path}/run: cannot write in {tmp_path} \\(Read-only"):
+        selfharmony.main(TINY + ["--out-dir", str(tmp_path / "run")])
+
+
+def test_a_log_that_is_a_folder_is_one_line(tmp_path):
+    (tmp_path / "log.jsonl").mkdir()
+    for again in ([], ["--resume"]):
+        with pytest.raises(SystemExit, match="log.jsonl is not a file"):
+            selfharmony.main(TINY + ["--out-dir", str(tmp_path)] + again)

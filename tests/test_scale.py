@@ -235,22 +235,22 @@ def test_the_default_micro_batch_halves_until_the_estimate_fits(monkeypatch):
     assert activations(4096) < activations(8192) and 1e-4 * 2**30 < activations(4096)
     card = types.SimpleNamespace(total_memory=stays + activations(4096))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
-    plan = scale.set_budgets(args, model, model, None, 1, "cuda", torch.float32)
+    plan, _ = scale.set_budgets(args, model, model, None, 1, "cuda", torch.float32)
     assert args.micro_batch_tokens == 4096 and args.kv_cache_gb == 1e-4
     assert "at 4096 tokens a micro-batch" in plan and "will not fit" not in plan
     # given, it is kept even where it will not fit, and the line says which switches to turn
     args = selfharmony.parse_args(TINY + ["--micro-batch-tokens", "8192"])
-    plan = scale.set_budgets(args, model, model, None, 1, "cuda", torch.float32)
+    plan, _ = scale.set_budgets(args, model, model, None, 1, "cuda", torch.float32)
     assert args.micro_batch_tokens == 8192 and "It will not fit: try" in plan
     # a row longer than the budget is a micro-batch of its own: with rows of up to 1,024 + 3,072 tokens the
     # widest holds 4,096 whatever the budget, so halving stops there, and the plan says it will not fit
     card.total_memory = stays + activations(2048)
     args = selfharmony.parse_args(TINY + ["--max-new-tokens", "3072"])
-    plan = scale.set_budgets(args, model, model, None, 1, "cuda", torch.float32)
+    plan, _ = scale.set_budgets(args, model, model, None, 1, "cuda", torch.float32)
     assert args.micro_batch_tokens == 4096 and "at 4096 tokens a micro-batch" in plan
     assert "It will not fit: try --grad-checkpointing (or 2, every other layer), a lower --kv-cache-gb" in plan
     args = selfharmony.parse_args(TINY + ["--max-new-tokens", "3072", "--micro-batch-tokens", "1024"])
-    assert "at 4096 tokens a micro-batch" in scale.set_budgets(args, model, model, None, 1, "cuda", torch.float32)
+    assert "at 4096 tokens a micro-batch" in scale.set_budgets(args, model, model, None, 1, "cuda", torch.float32)[0]
 
 
 def test_the_default_kv_budget_sets_aside_what_the_first_update_will_allocate(monkeypatch):

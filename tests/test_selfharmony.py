@@ -357,3 +357,30 @@ def test_the_files_import_one_way_down():
     # the method files below the loop read nothing of the machinery above them
     assert not (below("answers") | below("prompts") | below("hms")) & {"run", "scale", "engine", "eval"}
     assert "selfharmony" not in set().union(*(below(name) for name in files if name != "selfharmony"))
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--seed", str(10**30)], "--seed: must be an integer >= 0 and <= 4294967295"),  # torch's generators: < 2^64
+    (["--lr", "1e38"], "--lr: must be a number > 0 and <= 1e+37"),  # AdamW's first step size: lr / 0.1 < 3.4e38
+    (["--n-rollouts", str(10**9)], "It will not fit: try"),  # the KV cache of one view's rollouts
+    (["--max-new-tokens", str(10**9)], "It will not fit: try"),
+    (["--eval-n", str(10**9)], "(or --eval-n, --eval-max-new-tokens)"),  # the evaluation's rows
+    (["--arith-n", "10000", "--arith-level", "2"], "arith level 2 has only 8190 distinct questions"),
+    (["--device", "mps"], "device 'mps': this torch cannot use it"),
+])
+def test_absurd_numbers_are_one_line_before_anything_is_written(tmp_path, capsys, argv, says):
+    with pytest.raises(SystemExit) as e:
+        selfharmony.main(TINY + ["--steps", "1", "--out-dir", str(tmp_path / "run")] + argv)
+    assert says in str(e.value.code) + capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("length", [["--steps", str(10**15)], ["--epochs", str(10**12)]])
+def test_a_run_of_a_huge_number_of_steps_starts_at_once(tmp_path, length):
+    # the start-up checks each question the run draws once, an epoch at a time (it built every step's batch)
+    selfharmony.main(TINY + length + ["--stop-after", "1", "--no-eval", "--out-dir", str(tmp_path)])
+    assert [r["step"] for r in read_log(tmp_path)] == [1]
+    assert selfharmony.drawn_questions(0, 10**15, 10, 4, seed=0) == set(range(10))
+    # the same questions as the steps' own batches, from any start, for a run of a few steps
+    for start, total in ((0, 1), (3, 7), (1, 2)):
+        by_step = {i for s in range(start, total) for i in selfharmony.batch_indices(s, 10, 4, seed=0)[0]}
+        assert selfharmony.drawn_questions(start, total, 10, 4, seed=0) == by_step
