@@ -123,6 +123,7 @@ _NOISE = [  # (pattern, replacement), applied in order
     (re.compile(r"(?<=\d)\{,\}(?=\d{3}(?!\d))"), ""),  # 10{,}080: MATH's thousands separator
     (re.compile(r"\\(begin|end)\{[bp]?matrix\}"), r"\\\1{pmatrix}"),  # one name for the same entries
     (re.compile(r"(?<!\\)\\[,;: >]|~|\\q?quad|\\displaystyle"), " "),  # (?<!\\): keep matrix rows \\
+    (re.compile(r"(?<!\\);"), ","),  # 1; 2: a list, as 1, 2
     (re.compile(r"\\?\$|\\?%"), ""),
     (re.compile(r"\\(?:mbox|textrm|textbf|textnormal|mathrm|mathbf)\{"), r"\\text{"),
     (re.compile(r"(?<![^\s,(\[])\+(?=\s*\\infty)"), ""),  # [2, +\infty): an interval's end, no sum
@@ -134,10 +135,18 @@ _BARE_UNIT = re.compile(r"(?<=[\d}])\s+(?:(?:[A-Za-z][a-z]+|[A-Z]{3})\s*){1,3}(?
 _TEXT = re.compile(r"\\text\{")
 _WRAP = re.compile(r"(?:\\text)?\{")  # around the whole answer
 _AND_OR = re.compile(r"(?:\s*,)?\s+(?:and|or)\s+")  # 3, 5, and 7; x = 4 or x = 6
+_GLUED_OR = re.compile(r"(?<=[\d}])(?:and|or)(?=[-+\d\\(])")  # 4or6, from 4\text{or}6
+_LINES = re.compile(r"(?<=\d)[ \t]*\n\s*(?=[-+\d])")  # numbers on lines of their own: 7, then 2/3 is not 72/3
+_GLUED_UNIT = re.compile(r"(?<=\d)(?:[a-z]{3,}|cm|km|mm|kg|ft)\.?\s*$")  # 12days, 5cm (not 2pi, 3x)
+_DOUBLED = re.compile(r"(?<!\\)\\\\(?=(?:[dt]?frac|sqrt|pi|text|cdot|times|infty|pm|circ|le|ge|neq|sin|cos|tan"
+                      r"|log|ln|theta|alpha|beta|left|right|cup|cap)(?![A-Za-z]))")  # \\frac, as an escaping left
+# it (not a matrix's row break before a command: 1\\\frac12)
 _LEADING_NAME = re.compile(r"^(?P<name>(?:[A-Za-z]|\\[A-Za-z]+|\((?:\s*[A-Za-z]\s*,)+\s*[A-Za-z]\s*\))"
-                           r"(?:_\{?\w+\}?)?)\s*(?:=|\\in(?![A-Za-z]))\s*(?=\S)")  # x =, \theta =, x \in, (a, b) =
-_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-_MIXED = re.compile(r"(?<![\w.])(\d+)\s+(\d+)/(\d+)(?![\w./])")  # 2 1/2: a whole number, a space, a fraction
+                           r"(?:_\{?\w+\}?)?(?:\([\w\s,]{1,12}\))?"  # x =, \theta =, (a, b) =, f(x) =, g(t, s) =
+                           r"|\|[A-Za-z]{1,3}\||[A-Z](?::[A-Z])+)"  # |PQ| =, P:Q =
+                           r"\s*(?:=|\\in(?![A-Za-z]))\s*(?=\S)")  # x \in
+_THOUSANDS = re.compile(r"[+-]?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?")  # not 0,250
+_MIXED = re.compile(r"(?<![\w.])(\d+)[ \t]+(\d+)/(\d+)(?![\w./])")  # 2 1/2: a whole number, a space, a fraction
 # an unbraced argument: one character, or a command that takes none (\frac\pi2; \sqrt\frac12 is not \sqrt{\frac})
 _ARG = r"([0-9A-Za-z]|\\(?!frac|sqrt|binom)[A-Za-z]+(?![A-Za-z]))"
 _BRACE_ARGS = [  # \frac12 -> \frac{1}{2}, \frac\pi2 -> \frac{\pi}{2}, \sqrt2 -> \sqrt{2}, x^{2} -> x^2
@@ -167,25 +176,34 @@ _RATIONAL = [
 def normalize_answer(s):
     """The canonical form of an answer string: LaTeX spacing, \\left/\\right, $, %, degrees,
     \\text{} wrappers (braces inside them too) and trailing units (in \\text, or bare words after a
-    number: "18 dollars"), a leading `x =` or `(a, b) =`, braces around the whole answer ({18},
-    \\textbf{18}), thousands separators (`{,}` anywhere, commas in a lone number only) and a trailing
-    period go; an option letter boxed with its text ("(C) 12") is the letter; \\dfrac/\\tfrac ->
-    \\frac with braced arguments (\\frac\\pi2 is \\frac{\\pi}{2}), and a symbol over a whole number or a
-    whole number over a symbol too (\\pi/2, 3\\sqrt{3}/4, 20000/\\pi), with the minus of a top of one
-    term in front (\\frac{-\\pi}{6}); bmatrix and plain matrix -> pmatrix; every number that stands
-    alone (the whole answer, or one entry of a tuple, interval or matrix) becomes an integer or a
-    reduced "p/q", and every word that stands alone is in lower case (East, east; not AB or ABC).
-    Unicode's − π √ ∞ × · are read as their LaTeX. A bare list (commas outside any bracket, or
-    entries joined by "and" or "or": the solutions of an equation, "1, -2", "1 and -2") is a set, and its
-    entries are sorted, with "a \\pm b" as its two entries; so is a set in braces (\\{-2, 1\\}), and an
-    entry that names the first entry's variable again loses the name too (x = 1, x = -2); tuples,
-    intervals and matrices keep their order. Signs, brackets and radicals are kept: it is a normal
-    form, not an algebra system, so equal values written differently stay apart (`a+b` vs `b+a`,
-    `\\sqrt8` vs `2\\sqrt2`, `\\frac{\\sqrt3}{3}` vs `\\frac{1}{\\sqrt3}`)."""
+    number: "18 dollars", "12days"), a leading name (`x =`, `(a, b) =`, `f(x) =`, `|PQ| =`, `P:Q =`),
+    braces or parentheses around the whole answer ({18}, \\textbf{18}, (2/5)), thousands separators
+    (`{,}` anywhere, commas in a lone number only: 0,250 is no thousand), a trailing period or comma and
+    a backslash doubled by escaping (\\\\frac) go; an option letter boxed with its text ("(C) 12") is the
+    letter; \\dfrac/\\tfrac -> \\frac with braced arguments (\\frac\\pi2 is \\frac{\\pi}{2}), and a symbol
+    over a whole number or a whole number over a symbol too (\\pi/2, 3\\sqrt{3}/4, 20000/\\pi), with the
+    minus of a top of one term in front (\\frac{-\\pi}{6}); bmatrix and plain matrix -> pmatrix; every
+    number that stands alone (the whole answer, or one entry of a tuple, interval or matrix) becomes an
+    integer or a reduced "p/q" (2 1/2 is the mixed number 5/2, on one line only), and every word that
+    stands alone is in lower case (East, east; not AB or ABC). Unicode's − π √ ∞ × · are read as their
+    LaTeX. A bare list (commas or semicolons outside any bracket, entries joined by "and" or "or", or
+    numbers on lines of their own: the solutions of an equation, "1, -2", "1 and -2") is a set: its
+    entries are sorted and each kept once, with "a \\pm b" as its two entries; so is a set in braces
+    (\\{-2, 1\\}); its entries lose a name they all share (x = 1, x = -2) and keep names that differ
+    (x = 1, y = 2, in either order); tuples, intervals and matrices keep their order. Signs, brackets and
+    radicals are kept: it is a normal form, not an algebra system, so equal values written differently
+    stay apart (`a+b` vs `b+a`, `\\sqrt8` vs `2\\sqrt2`, `\\frac{\\sqrt3}{3}` vs `\\frac{1}{\\sqrt3}`)."""
     s = s.strip()
     if len(s) > MAX_BOX_CHARS or max(_depths(s)) > MAX_DEPTH:  # not an answer: left verbatim, in bounded time
         return s
-    s = s.translate(_UNICODE)
+    s, name = _unwrapped(s)
+    return _as_set(_compact(s), name)
+
+
+def _unwrapped(s):
+    """normalize_answer's first pass, on the text as written: what is not the answer goes (LaTeX noise,
+    wrappers, units, a leading name), lists are marked by commas. Returns (s, the leading name or None)."""
+    s = _DOUBLED.sub(r"\\", s.translate(_UNICODE))
     for pattern, repl in _NOISE:
         s = pattern.sub(repl, s)
     while (wrap := _WRAP.match(s)) and _braced_group(s, wrap.end()) == s[wrap.end():-1]:  # {18}, \text{18}
@@ -196,25 +214,50 @@ def normalize_answer(s):
         s = s[:unit.start()]
     while (text := _TEXT.search(s)) and (inside := _braced_group(s, text.end())) is not None:
         s = s[:text.start()] + inside + s[text.end() + len(inside) + 1:]  # \text{\frac{14}{3}}: braces inside too
-    s = _AND_OR.sub(",", s)  # "2 and 3", "3, 5, and 7", "4 or 6": a list
-    s = _BARE_UNIT.sub("", s)  # unit words with no \\text: "18 dollars" -> "18"
-    named = _LEADING_NAME.match(s.strip())  # x in "x = 1, x = -2": each entry's name goes below
-    name = named and re.sub(r"\s+", "", named["name"])
-    s = _LEADING_NAME.sub("", s.strip()).strip().rstrip(".").strip()
+    for pattern in (_AND_OR, _GLUED_OR, _LINES):  # "2 and 3", "3, 5, and 7", "4 or 6", "4or6", 7 / 2: lists
+        s = pattern.sub(",", s)
+    s = _GLUED_UNIT.sub("", _BARE_UNIT.sub("", s))  # unit words with no \\text: "18 dollars", "12days" -> "18", "12"
+    named = _LEADING_NAME.match(s.strip())  # x in "x = 1, x = -2": each entry's name goes in _as_set
+    s = _LEADING_NAME.sub("", s.strip()).strip().rstrip(".,").strip()
     if _THOUSANDS.fullmatch(s):  # only a lone number: "(1,2)" and "1, 2" keep their commas
         s = s.replace(",", "")
     s = _MIXED.sub(r"\1\\frac{\2}{\3}", s)  # read as 2\frac{1}{2} below: 5/2, not the 21/2 the spaces' removal makes
+    return s, named and re.sub(r"\s+", "", named["name"])
+
+
+def _compact(s):
+    """normalize_answer's second pass: no spaces, arguments braced, an option letter alone, and a single
+    value in parentheses without them ((2/5) is 2/5; (1,2), (a)(b) and intervals keep theirs)."""
     s = re.sub(r"\s+", "", s)
     for pattern, repl in _BRACE_ARGS:
         s = pattern.sub(repl, s)
     if re.fullmatch(r"\([A-Z]\)", s):  # "(B)" -> "B": a lone option letter, not an interval
-        s = s[1]
-    elif re.fullmatch(r"\([A-E]\)[^(),]+", s):  # "(C) 12": the option letter with its text (MATH's choices)
-        s = s[1]
-    entries = [value for entry in _top_level_split(_set_entries(s))  # a set \{a, b\} is a bare list
-               for value in _plus_minus(_unnamed(entry, name))]
-    entries = ["".join(_canonical_piece(piece) for piece in _PIECES.split(entry)) for entry in entries]
-    return ",".join(sorted(entries))
+        return s[1]
+    if re.fullmatch(r"\([A-E]\)[^(),]+", s):  # "(C) 12": the option letter with its text (MATH's choices)
+        return s[1]
+    depth = _depths(s)
+    if s[:1] == "(" and s[-1:] == ")" and min(depth[1:-1], default=0) > 0 and "," not in s:
+        return s[1:-1]
+    return s
+
+
+def _as_set(s, name):
+    """normalize_answer's last pass: the answer as its entries (one, or a bare list's, a set), each in its
+    canonical form, sorted, each once."""
+    entries = [_unnamed(entry, name) for entry in _top_level_split(_set_entries(s))]  # a set \{a, b\} too
+    if name and any(_LEADING_NAME.match(entry) for entry in entries):  # x = 1, y = 2: every name stays
+        entries[0] = f"{name}={entries[0]}"
+    return ",".join(sorted({_canonical_entry(value) for entry in entries for value in _plus_minus(entry)}))
+
+
+def _canonical_entry(entry):
+    """An entry, piece by piece (_PIECES: brackets, commas, matrix rows cut it): a plus right after a
+    closing bracket is a sum, not a sign, and stays ((a+b)+3 is not (a+b)3)."""
+    out = []
+    for piece in _PIECES.split(entry):
+        plus = piece.startswith("+") and out and out[-1] in (")", "]", r"\}")
+        out.append("+" + _canonical_piece(piece[1:]) if plus else _canonical_piece(piece))
+    return "".join(out)
 
 
 def _plus_minus(entry):

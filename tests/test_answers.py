@@ -141,7 +141,55 @@ def test_canonical_numeric_form():
     # \pm with nothing before it: the value and its negative; the variable named again goes, another stays
     assert normalize_answer(r"\pm\sqrt{3}") == normalize_answer(r"x = \sqrt3, -\sqrt3") \
         == r"-\sqrt{3},\sqrt{3}"
-    assert normalize_answer("x_1 = 3, x_1 = 4") == "3,4" and normalize_answer("x_1 = 3, x_2 = 4") == "3,x_2=4"
+    assert normalize_answer("x_1 = 3, x_1 = 4") == "3,4" and normalize_answer("x_1 = 3, x_2 = 4") == "x_1=3,x_2=4"
+
+
+# answers that the normal form merged, the dangerous way (a wrong answer rewarded, two candidates' votes
+# pooled), each with the other it was merged with
+KEPT_APART = [
+    ("7\n2/3", "23/3"),  # a whole number and a fraction on lines of their own are no mixed number
+    ("7\n2/3", "72/3"),
+    ("0,250", "250"),  # a leading 0, is no thousands separator
+    ("(a+b)+3", "(a+b)3"),  # a plus after a closing bracket is a sum, not a sign
+    (r"\sin^2(x)+1", r"\sin^2(x)1"),
+    ("[1,2]+3", "[1,2]3"),
+]
+# equal answers that it split, a case of each way a model writes them
+BROUGHT_TOGETHER = [
+    ("g(t) = t^2 - 1", "t^2 - 1"), ("f(2) = 5", "5"), ("h(x, y) = x + y", "x+y"),  # a function's name
+    ("|PQ| = 7", "7"), ("P:Q = 3:4", "3:4"),  # a length's or a ratio's name
+    ("1; 2", "1, 2"), ("-3; 4; 5", "5, -3, 4"),  # semicolons separate a list
+    ("1, 1, 2", "1, 2"), ("x = 3, x = 3", "3"),  # a solution written twice is one
+    ("5,", "5"), ("$1, 2,$", "1, 2"),  # a trailing comma inside the math
+    ("(2/5)", "2/5"), (r"(\frac{1}{2})", "0.5"), ("(x+1)", "x+1"),  # one value in parentheses
+    (r"\\frac{1}{2}", "1/2"), (r"2\\sqrt{3}", r"2\sqrt3"), (r"\\pi", r"\pi"),  # a backslash doubled by escaping
+    (r"\\left(\\frac{1}{5},\\frac{1}{6}\\right)", "(1/5, 1/6)"),
+    ("4or6", "4, 6"), (r"4\text{or}6", "4 or 6"),  # "or" with no spaces
+    ("12days", "12"), ("5cm", "5 cm"), ("3hours.", "3"),  # a unit glued to the number
+    ("x = 1, y = 2", "y = 2, x = 1"), ("a = 1, b = 2, c = 3", "c = 3, a = 1, b = 2"),  # names that differ stay
+]
+
+
+@pytest.mark.parametrize("a, b", KEPT_APART)
+def test_answers_the_normal_form_merged_stay_apart(a, b):
+    assert normalize_answer(a) != normalize_answer(b)
+
+
+@pytest.mark.parametrize("a, b", BROUGHT_TOGETHER)
+def test_equal_answers_the_normal_form_split_are_one(a, b):
+    assert normalize_answer(a) == normalize_answer(b)
+
+
+def test_what_the_new_rules_leave_alone():
+    # a matrix's rows and an interval keep their commas and brackets; 2pi, 3x and ab are no units; a tuple of
+    # names is not a list of named entries; a single value in brackets of another kind keeps them
+    assert normalize_answer(r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}") == r"\begin{pmatrix}1\\2\end{pmatrix}"
+    # a row break before a command is no doubled backslash: the row stays a row
+    assert normalize_answer(r"\begin{pmatrix}1\\\frac12\end{pmatrix}") == r"\begin{pmatrix}1\\1/2\end{pmatrix}"
+    assert [normalize_answer(s) for s in ("(1, 2)", "[3, 4)", "2pi", "3x", "5ab", "[5]")] == \
+        ["(1,2)", "[3,4)", "2pi", "3x", "5ab", "[5]"]
+    assert normalize_answer("(a, b) = (1, 2)") == "(1,2)" and normalize_answer("1,000") == "1000"
+    assert normalize_answer("(a)(b)") == "(a)(b)" and normalize_answer("(2/5), 1") == "(2/5),1"
 
 
 def test_thousands_braces_and_matrix_environments():
@@ -182,9 +230,9 @@ def test_unicode_symbols_and_lists_joined_by_and_or_or():
             ("4, 6", "4 or 6", r"x = 6 \text{ or } x = 4", r"x=4 \quad\text{or}\quad x=6"), ("3, 5, 7", "3, 5, or 7")]
     for forms in same:
         assert {normalize_answer(s) for s in forms} == {normalize_answer(forms[0])}, forms
-    # "and" / "or" joins entries only as a word between them
+    # "and" / "or" joins entries as a word between them, or glued between numbers (4or6: BROUGHT_TOGETHER)
     for a, b in [("18", "18 and 19"), ("2,3", r"2\land3"), ("3", "and 3"), ("b,3", "band 3"), ("18", "18 or 19"),
-                 ("4,6", "4or6"), ("2,3", r"2\lor3")]:
+                 ("2,3", r"2\lor3")]:
         assert normalize_answer(a) != normalize_answer(b)
 
 
