@@ -6,14 +6,18 @@ Each rollout i of a group (one question, one view) has a reward r_i and gets the
 shared by all its completion tokens t. The loss per completion token is
     l_t = -min(rho_t A, clip(rho_t, 1 - eps_clip, 1 + eps_clip) A) + beta k3_t
     rho_t = exp(logp_t - logp_old_t),   k3_t = exp(logp_ref_t - logp_t) - (logp_ref_t - logp_t) - 1
-and the step loss is the release's (its dp_actor): each view's token-mean, the two added,
+and the step loss is each view's token-mean over the whole step, the two added,
     L = sum over views v of (1 / N_v) sum of l_t over the completion tokens t of view v,
 with N_v the count of view v's completion tokens in the whole step (all micro-batches, all
-ranks), fixed before the first backward. One joint token-mean over both views ("token-mean")
-would give the fused view, whose responses run about twice as long, ~2/3 of the weight instead
-of 1/2, and about half the gradient the grad-norm clip sees; it and "seq-mean" stay selectable.
+ranks), fixed before the first backward. This rule is this project's: the release (its
+dp_actor) takes each view's token-mean within each micro-batch (8 rows a GPU), adds the two,
+and divides by the number of micro-batches, so its weights depend on how the step is split;
+the whole-step rule does not, and equals the release's when every micro-batch holds as many
+completion tokens of a view. One joint token-mean over both views ("token-mean") would give
+the fused view, whose responses run about twice as long, ~2/3 of the weight instead of 1/2,
+and about half the gradient the grad-norm clip sees; it and "seq-mean" stay selectable.
 
-As in the release: per-view token-means, k3 KL as a loss term (not folded into the reward),
+As in the release: a token-mean per view, k3 KL as a loss term (not folded into the reward),
 no entropy bonus, the unbiased std of torch.std, and ONE optimiser update per batch. So
 logp_old is the policy itself: rho = 1 in value and the clip never fires at the first and only
 pass. We use logp_old = logp.detach(), which has the same value and gradient as the release's

@@ -5,16 +5,19 @@ Solver (view 0, and evaluation): the release's system turn, "Let's think step by
 final answer within \\boxed{}.", and the question as the user turn, rendered by the model's chat
 template with no enable_thinking flag, as the release renders it: Qwen3's template (which its base
 checkpoints ship too) then writes no think block; --thinking-block passes enable_thinking=False, with
-which it writes an empty <think></think>. A multiple-choice question lists its options as 'A. ...'
-lines after it and adds one line the release does not have (CHOICE_INSTRUCTION): asked only for the
-final answer in a box, a model may box the option's text or value, which names no option. An `arith`
-row asks for the bare number instead (NUMBER_SYSTEM): a 135M model rarely writes \\boxed{}.
+which it writes an empty <think></think>. A multiple-choice question (GPQA, MMLU-Pro) is asked as the
+release asks it: its system turn asks for the letter of the option alone, in a box (CHOICE_SYSTEM, the
+release's words, from its preprocess_mmlu_pro.py), and the user turn is the question, then its options as
+'A. ...' lines. An `arith` row asks for the bare number instead (NUMBER_SYSTEM): a 135M model rarely
+writes \\boxed{}.
 
-Reframer (view 1, this project's wording of METHOD.md's layout): --reframe fused asks the model to
-rewrite the problem with one strategy, keeping its logic, numbers and answer, then solve its rewrite,
-in three sections (SECTIONS, which rewards.py reads for the format score); --reframe separate asks for
-the rewrite only, then solves it with the solver prompt (rewrite_prompts); --reframe given solves the
-paraphrase the data row carries. A prompt over --max-prompt-tokens is an error, not a silent cut.
+Reframer (view 1, this project's wording of the release's facts: its eight strategies, its rule against
+copying five or more consecutive words, its layout): --reframe fused asks the model to rewrite the problem
+with one strategy, keeping its logic, numbers and answer, then solve its rewrite, in three sections
+(SECTIONS, which rewards.py reads for the format score); --reframe separate asks for the rewrite only,
+then solves it with the solver prompt (rewrite_prompts); --reframe given solves the paraphrase the data
+row carries; --reframe none has no view 1 (TTRL). A multiple-choice question's reframer prompts carry
+CHOICE_SYSTEM after the question. A prompt over --max-prompt-tokens is an error, not a silent cut.
 
     python prompts.py       # one question's three prompts, rendered as a ChatML model sees them
 """
@@ -25,17 +28,26 @@ from string import ascii_uppercase as LETTERS
 
 SOLVER_SYSTEM = "Let's think step by step and output the final answer within \\boxed{}."  # the release's words
 NUMBER_SYSTEM = "Answer with just the number."  # rows with answer_format "number" (arith)
-CHOICE_INSTRUCTION = "Put only the letter of the correct option in \\boxed{}."  # not in the release
+CHOICE_SYSTEM = ("Choose the single correct option. Your final answer should be only the letter of the correct "
+                 "option, enclosed in a \\boxed{} block.")  # the release's words, for multiple choice
 
 SECTIONS = ("STRATEGY", "REWRITTEN PROBLEM", "SOLUTION")  # the fused layout, in order (rewards.py reads it)
 STRATEGY, REWRITTEN, SOLUTION = SECTIONS
-REFRAME_STRATEGIES = ("make it concrete with a small example or story, generalise it, move it to another "
-                      "domain, work backward from what is asked, add one irrelevant detail, or tell it from "
-                      "inside the problem")
+REFRAME_STRATEGIES = (  # the release's eight, in its order (its names in the comments), in this project's words
+    "make it concrete with a small story",  # Concretize
+    "generalise it into a formula or a procedure",  # Generalize
+    "move it to another domain such as code or a game",  # Domain Shift
+    "add details that do not matter",  # Add Noise
+    "work backward from what is asked",  # Reverse
+    "solve a small warm-up version first and then the full one",  # Incremental Complexity
+    "pose it as a puzzle about its constraints",  # Focus on Constraints
+    "tell it from inside the problem",  # POV Shift
+)
+STRATEGY_LIST = ", ".join(REFRAME_STRATEGIES[:-1]) + f", or {REFRAME_STRATEGIES[-1]}"
 FUSED_SYSTEM = (
     "First rewrite the problem in a different way, then solve your rewritten problem.\n"
-    f"Choose one strategy: {REFRAME_STRATEGIES}. Keep the logic, every number and the answer exactly the "
-    "same, and do not copy long runs of the original words.\n"
+    f"Choose one strategy: {STRATEGY_LIST}. Keep the logic, every number and the answer exactly the "
+    "same, and do not copy five or more consecutive words of the original.\n"
     "Reply in exactly this layout:\n"
     f"{STRATEGY}: <the strategy you chose, one line>\n"
     f"{REWRITTEN}: <the problem, rewritten>\n"
@@ -44,8 +56,8 @@ FUSED_SYSTEM = (
 )
 REWRITE_SYSTEM = (
     "Rewrite the problem in a different way. Do not solve it.\n"
-    f"Choose one strategy: {REFRAME_STRATEGIES}. Keep the logic, every number and the answer exactly the "
-    "same, and do not copy long runs of the original words.\n"
+    f"Choose one strategy: {STRATEGY_LIST}. Keep the logic, every number and the answer exactly the "
+    "same, and do not copy five or more consecutive words of the original.\n"
     "Reply in exactly this layout:\n"
     f"{STRATEGY}: <the strategy you chose, one line>\n"
     f"{REWRITTEN}: <the problem, rewritten>"
@@ -53,16 +65,18 @@ REWRITE_SYSTEM = (
 
 
 def format_question(row):
-    """The user turn: the problem, then for multiple choice its options as 'A. ...' lines."""
+    """The user turn: the problem, then for multiple choice its options as 'A. ...' lines (the release's layout)."""
     if not row.get("choices"):
         return row["problem"].strip()
-    options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(row["choices"]))
-    return f"{row['problem'].strip()}\n\n{options}\n\n{CHOICE_INSTRUCTION}"
+    options = "\n".join(f"{LETTERS[i]}. {str(c).strip()}" for i, c in enumerate(row["choices"]))
+    return f"{row['problem'].strip()}\n{options}"
 
 
 def solver_messages(row):
     """The solver's (system, user) turns: render_prompt(tokenizer, *solver_messages(row))."""
-    return NUMBER_SYSTEM if row.get("answer_format") == "number" else SOLVER_SYSTEM, format_question(row)
+    system = (CHOICE_SYSTEM if row.get("choices") else NUMBER_SYSTEM if row.get("answer_format") == "number"
+              else SOLVER_SYSTEM)
+    return system, format_question(row)
 
 
 @functools.cache
@@ -99,17 +113,17 @@ def encode(tokenizer, system, user, question, thinking_block, max_tokens):
 
 def first_prompts(tokenizer, rows, reframe, thinking_block=False, max_tokens=float("inf")):
     """The prompts a step starts from, a row each: view 0's (the solver's), and view 1's (fused: rewrite
-    and solve; given: the solver's on the row's paraphrase; separate: the request for a rewrite). The
-    loop's start-up builds them for every question the run will draw, so that a prompt over
-    --max-prompt-tokens stops the run there, not hours in."""
+    and solve; given: the solver's on the row's paraphrase; separate: the request for a rewrite; none: no
+    view 1, an empty list). The loop's start-up builds them for every question the run will draw, so that
+    a prompt over --max-prompt-tokens stops the run there, not hours in."""
     solver = lambda r, problem: encode(tokenizer, *solver_messages({**r, "problem": problem}), r["id"],
                                        thinking_block, max_tokens)
     prompts0 = [solver(r, r["problem"]) for r in rows]
-    if reframe == "given":
-        return prompts0, [solver(r, r["reframed"]) for r in rows]
+    if reframe in ("given", "none"):
+        return prompts0, [solver(r, r["reframed"]) for r in rows] if reframe == "given" else []
     system = FUSED_SYSTEM if reframe == "fused" else REWRITE_SYSTEM
-    return prompts0, [encode(tokenizer, system, format_question(r), r["id"], thinking_block, max_tokens)
-                      for r in rows]
+    question = lambda r: format_question(r) + (f"\n\n{CHOICE_SYSTEM}" if r.get("choices") else "")
+    return prompts0, [encode(tokenizer, system, question(r), r["id"], thinking_block, max_tokens) for r in rows]
 
 
 def rewrite_prompts(tokenizer, rows, rewrites, prompts0, thinking_block=False, max_tokens=float("inf")):

@@ -15,8 +15,13 @@ Gated, correctness is the gate: a well-formatted reframing with a wrong answer e
 P_div is one number per question, shared by all G fused rollouts. GRPO normalises each group as
 (r - mean) / (std + eps), so a common factor (1 - w_d P_div) cancels in the gated reward (up to
 the eps = 1e-6 beside the std), and a common shift w_d (1 - P_div) cancels exactly in the
-additive one. P_div acts only where advantages are not
-divided by the std (and, for the additive shift, not even there). The tests show both.
+additive one. P_div acts only where advantages are not divided by the std (and, for the
+additive shift, not even there). The tests show both.
+P_format, one number a rollout, does not cancel, and it is not a small signal: the weight
+w_f = 0.1 sets no size once the group is divided by its std. In a fused group where all 16
+rollouts reach y* and one lacks its STRATEGY line, that one gets the advantage -3.75 and the
+other 15 +0.25, whatever w_f > 0 is (a test works it by hand): the strongest push in the step,
+where without the penalty the group is flat.
 The release defines these penalties but never applies them (its fused reward is the plain gate);
 this project applies them as the paper describes; w_format=0 or w_div=0 turns each off.
 

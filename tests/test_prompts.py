@@ -42,10 +42,17 @@ def test_solver_prompt_with_a_qwen3_template_as_the_release_renders_it_and_with_
     assert prompts.render_prompt(tok, *prompts.solver_messages(row), thinking_block=True) == release + "<think>\n\n</think>\n\n"
 
 
-def test_multiple_choice_options_follow_the_question():
-    row = {"id": "q", "problem": " Which is a prime? ", "choices": ["4", "7", "9"], "answer": "B"}
-    assert prompts.format_question(row) == (
-        "Which is a prime?\n\nA. 4\nB. 7\nC. 9\n\nPut only the letter of the correct option in \\boxed{}.")
+def test_multiple_choice_is_asked_as_the_release_asks_it():
+    # preprocess_mmlu_pro.py: system turn = the letter-only instruction, user turn = question, newline, options
+    row = {"id": "q", "problem": " Which is a prime? ", "choices": ["4", " 7 ", "9"], "answer": "B"}
+    assert prompts.format_question(row) == "Which is a prime?\nA. 4\nB. 7\nC. 9"
+    assert prompts.solver_messages(row) == (
+        "Choose the single correct option. Your final answer should be only the letter of the correct option, "
+        "enclosed in a \\boxed{} block.", "Which is a prime?\nA. 4\nB. 7\nC. 9")
+    assert prompts.solver_messages({"id": "m", "problem": "1+1?", "answer": "2"})[0] == prompts.SOLVER_SYSTEM
+    tok = byte_tokenizer()
+    _, fused = prompts.first_prompts(tok, [row], "fused")  # the reframer is told the letter-only rule too
+    assert tok.decode(fused[0]).count(prompts.CHOICE_SYSTEM) == 1
 
 
 def test_plain_fallback_without_a_chat_template_warns_once():
@@ -77,3 +84,10 @@ def test_each_reframing_asks_its_own_view_1_prompt():
              "separate": prompt_ids(tokenizer, prompts.REWRITE_SYSTEM, row["problem"])}  # rewrite only
     for reframe, prompt in view1.items():
         assert prompts.first_prompts(tokenizer, [row], reframe) == ([solver], [prompt])
+
+
+def test_the_reframer_is_offered_the_release_s_eight_strategies_and_its_copying_rule():
+    assert len(prompts.REFRAME_STRATEGIES) == 8
+    for system in (prompts.FUSED_SYSTEM, prompts.REWRITE_SYSTEM):
+        assert all(s in system for s in prompts.REFRAME_STRATEGIES)
+        assert "do not copy five or more consecutive words of the original" in system

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import grpo
 from rewards import div_penalty, format_score, fused_rewards, jsd, rewritten_problem, solve_rewards
 
 
@@ -140,6 +141,23 @@ def test_div_penalty_cancels_under_group_normalisation():
     np.testing.assert_allclose(add_on - add_off, 0.1 * (1 - p_div))  # a shift...
     np.testing.assert_allclose(add_on - add_on.mean(), add_off - add_off.mean(), atol=1e-12)  # ...the mean removes
 
+
+
+def test_one_missing_section_in_an_otherwise_flat_group_is_the_step_s_strongest_signal():
+    # 16 fused rollouts all reach the label; one lacks its STRATEGY line (P_format = 1/3). Rewards: 15 at c,
+    # one at c (1 - w_f / 3). Centred: +d/16 and -15 d/16 (d = c w_f / 3); unbiased std = d / 4, so the
+    # advantages are +0.25 and -3.75 whatever w_f > 0 is. Without the penalty (the release) the group is flat.
+    full = "STRATEGY: a story\nREWRITTEN PROBLEM: Ann has 3 and 4.\nSOLUTION: 3 + 4 = \\boxed{7}"
+    texts = [full] * 15 + [full.split("\n", 1)[1]]
+    assert format_score(texts[-1]) == pytest.approx(2 / 3)
+    view0 = ["7"] * 12 + ["5"] * 4
+    for w_format in (0.1, 0.01):
+        r = fused_rewards(texts, ["7"] * 16, view0, "7", w_format=w_format)
+        A = grpo.group_advantages(r, 16).tolist()
+        # (up to the eps beside the std, ~1e-3 of it at w_f = 0.01, where the std is ~8e-4)
+        assert A[:15] == pytest.approx([0.25] * 15, rel=2e-3) and A[15] == pytest.approx(-3.75, rel=2e-3)
+    flat = fused_rewards(texts, ["7"] * 16, view0, "7", w_format=0.0)
+    assert grpo.group_advantages(flat, 16).tolist() == [0.0] * 16
 
 ADVERSARIAL = {
     "no box": "SOLUTION: no box here, just words " * 1000,

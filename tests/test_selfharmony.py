@@ -169,21 +169,21 @@ def test_a_rewrite_that_misses_the_layout_or_runs_on_falls_back_to_the_question(
     # its solver prompt would be over --max-prompt-tokens (an error for a question, not for a model's rewrite)
     tokenizer = byte_tokenizer()
     rows = [{"id": q, "problem": f"{q}: 1 + 2?", "answer": "3"} for q in "abc"]
-    rewrites = ["Ann has 1 apple and gets 2.", None, "Ann has " + "many " * 120 + "apples."]
+    rewrites = ["Ann has 1 apple and gets 2.", None, "Ann has " + "many " * 200 + "apples."]
     texts = [f"STRATEGY: story\nREWRITTEN PROBLEM: {x}\nSOLUTION: 3" if x else "SOLUTION: 3" for x in rewrites]
 
     def fake_generate(model, prompts, max_new_tokens, n=1, **kw):  # the rewrites when asked for one a question
         return [tokenizer.encode(t) for t in texts] if n == 1 else [[1]] * (len(prompts) * n)
 
     monkeypatch.setattr(sample, "generate", fake_generate)
-    args = selfharmony.parse_args(["--reframe", "separate", "--max-prompt-tokens", "600", "--n-rollouts", "2"])
+    args = selfharmony.parse_args(["--reframe", "separate", "--max-prompt-tokens", "800", "--n-rollouts", "2"])
     episodes, got = selfharmony.rollout(None, tokenizer, rows, args, None, [])
     assert got == [rewrites[0], None, None] and [(e.question, e.view) for e in episodes] == [
         (q, v) for v in (0, 1) for q in "abc" for _ in range(2)]
     prompts0, prompts1 = ([e.prompt for e in episodes if e.view == v][::2] for v in (0, 1))
     assert prompts1[1:] == prompts0[1:] and prompts1[0] != prompts0[0]
-    assert rewrites[0] in tokenizer.decode(prompts1[0]) and len(prompts1[0]) <= 600
-    assert len(prompts.prompt_ids(tokenizer, *prompts.solver_messages(rows[2]))) < 600  # c's own question fits
+    assert rewrites[0] in tokenizer.decode(prompts1[0]) and len(prompts1[0]) <= 800
+    assert len(prompts.prompt_ids(tokenizer, *prompts.solver_messages(rows[2]))) < 800  # c's own question fits
 
 
 def test_the_update_gets_each_rollouts_view_and_the_sampling_copy_follows_the_policy(tmp_path, monkeypatch):
