@@ -1,15 +1,19 @@
 """
 Evaluation: how often the model's boxed answer matches a benchmark's gold answer.
 
-Every question is rendered with the solver prompt (prompts.py, the same one the training loop uses),
-sampled k times, and each completion is graded by the project's one normal form (answers.answer_of),
-so a vote while training and a grade here agree.
+Every question is rendered with the solver prompt (prompts.py, the same one the training loop uses; for
+GPQA and MMLU-Pro the release's letter-only system turn), sampled k times, and each completion is graded
+by the project's one normal form (answers.answer_of), so a vote while training and a grade here agree.
+--grader math-verify grades instead with the math-verify package (pip install math-verify), which parses
+the answer and the gold and compares values, with some algebra, as peer evaluations often do (74x slower
+on its own test cases); --grader both shows the two side by side and counts the completions they decide
+differently. Votes and rewards keep the normal form.
 Ground-truth answers are used only here (and by the `gt` selector), never to train.
 
 Metrics over Q questions with k samples each, c_qj = 1 if sample j of question q is right:
     mean@k = 1/Q sum_q 1/k sum_j c_qj          (the paper's headline number, k = 16, T = 0.8, top-p 0.95)
-    maj@k  = 1/Q sum_q 1[majority_vote(a_q1..a_qk) = gold_q]   (a = normalised answer; None never wins;
-                                                               a tie goes to the smallest string: option A first)
+    maj@k  = 1/Q sum_q c_q(v_q),  v_q = majority_vote(a_q1..a_qk)   (a = normalised answer, c_q(v) the grade
+             of a sample that answered v; None never wins; a tie goes to the smallest string: option A first)
     pass@k = 1/Q sum_q max_j c_qj              (any of the k samples right)
     greedy = accuracy of one temperature-0 completion a question
 They are reported overall and per group (MATH500: subject and level; MMLU-Pro: category; GPQA: domain).
@@ -35,6 +39,7 @@ if __name__ == "__main__":  # Ctrl-C or SIGTERM while the imports load or the mo
         signal.signal(sig, lambda signum, _: sys.exit(128 + signum))
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -48,15 +53,17 @@ from tqdm import tqdm
 
 import engine as fast  # the fast engine; `engine` names evaluate's choice of sampler
 import sample
-from answers import answer_of, gold_answer
+import scale
+from answers import answer_of, extract_answer, gold_answer
 from hms import majority_vote
 from models import cache_dir, load_model
 from prompts import LETTERS, prompt_ids, solver_messages
-from run import DefaultsHelp, number
+from run import DefaultsHelp, log_line, number
 
 # -----------------------------------------------------------------------------
 # Benchmarks
 
+GRADERS = ("normal", "math-verify", "both")
 FILES = {  # benchmark name -> file in the data folder (schema: shared/data/README.md)
     "math500": "math500.jsonl", "gsm8k": "gsm8k.jsonl", "aime24": "aime24.jsonl", "amc": "amc.jsonl",
     "gpqa": "gpqa_diamond.jsonl", "mmlu_pro": "mmlu_pro_validation.jsonl", "mmlu_pro_test": "mmlu_pro_test.jsonl",
@@ -235,14 +242,29 @@ def is_right(answer, row):
     return answer is not None and answer == gold_answer(row)
 
 
+def math_verify_right(text, row, finished=True):
+    """math-verify's verdict (pip install math-verify) on a completion's answer as written, the content of
+    its last box (an arith row's bare number), against the row's gold answer: it parses both and compares
+    them as values, with some algebra, where the normal form compares strings (74x slower). A
+    multiple-choice letter has nothing for it to add: the normal grade."""
+    from math_verify import parse, verify
+    if row.get("choices"):
+        return is_right(answer_of(text, row, finished), row)
+    written = extract_answer(text)
+    written = answer_of(text, row, finished) if written is None else written
+    return written is not None and bool(verify(parse(f"${row['answer']}$"), parse(f"${written}$")))
+
+
 def mean_at_k(correct):
     """correct: one list of k bools a question -> the mean over questions of each one's accuracy."""
     return sum(sum(c) / len(c) for c in correct) / len(correct)
 
 
-def maj_at_k(answers, golds):
-    """answers: one list of k normalised answers (or None) a question -> share whose vote is gold."""
-    return sum(majority_vote(a) == g for a, g in zip(answers, golds)) / len(golds)
+def maj_at_k(answers, correct):
+    """answers: one list of k normalised answers (or None) a question, correct: the grader's verdict on each
+    -> the share of questions whose majority vote is right (the verdict on a sample that gave it)."""
+    votes = [majority_vote(a) for a in answers]
+    return sum(any(c for a, c in zip(ans, cor) if a == v) for ans, cor, v in zip(answers, correct, votes)) / len(votes)
 
 
 def pass_at_k(correct):
@@ -250,10 +272,10 @@ def pass_at_k(correct):
     return sum(any(c) for c in correct) / len(correct)
 
 
-def metrics(correct, answers, golds, greedy=None):
+def metrics(correct, answers, greedy=None):
     """The metric table of one group of questions; greedy: one bool a question, or None."""
     k = len(correct[0])
-    out = {"questions": len(golds), f"mean@{k}": mean_at_k(correct), f"maj@{k}": maj_at_k(answers, golds),
+    out = {"questions": len(correct), f"mean@{k}": mean_at_k(correct), f"maj@{k}": maj_at_k(answers, correct),
            f"pass@{k}": pass_at_k(correct)}
     if greedy is not None:
         out["greedy"] = sum(greedy) / len(greedy)
@@ -265,14 +287,13 @@ GROUP_KEYS = ("subject", "level", "category", "domain")
 
 def summarize(rows, correct, answers, greedy=None):
     """metrics() over all questions, plus by_<key> for each of GROUP_KEYS the rows carry."""
-    golds = [gold_answer(r) for r in rows]
-    summary = metrics(correct, answers, golds, greedy)
+    summary = metrics(correct, answers, greedy)
     for key in (k for k in GROUP_KEYS if all(k in r for r in rows)):
         groups = defaultdict(list)
         for i, r in enumerate(rows):
             groups[str(r[key])].append(i)
         summary[f"by_{key}"] = {g: metrics([correct[i] for i in idx], [answers[i] for i in idx],
-                                           [golds[i] for i in idx], None if greedy is None else [greedy[i] for i in idx])
+                                           None if greedy is None else [greedy[i] for i in idx])
                                 for g, idx in sorted(groups.items())}
     return summary
 
@@ -283,11 +304,13 @@ def summarize(rows, correct, answers, greedy=None):
 
 def evaluate(model, tokenizer, rows, *, n=16, temperature=0.8, top_p=0.95, max_new_tokens=3072,
              batch_size=8, seed=0, greedy=False, engine="eager", max_rows=None, thinking_block=False,
-             on_records=None):
+             on_records=None, grader="normal"):
     """
     Sample n completions a question with the solver prompt, plus one greedy completion if
     greedy, and grade them. Returns (summary from summarize(), records: one dict a completion
-    {id, kind, index, text, finished, answer, correct}). batch_size counts questions a generate call;
+    {id, kind, index, text, finished, answer, correct}, `correct` the grader's verdict: "normal", the normal
+    form's; "math-verify", math_verify_right's; "both", the normal form's, and math-verify's in
+    `correct_math_verify`). batch_size counts questions a generate call;
     engine: "fast" samples with engine.generate, else sample.generate (the reference loop), with at most
     max_rows rows in flight; thinking_block: the chat template's (prompts.render_prompt).
     on_records: called with each generate call's records as soon as they are graded (to save them).
@@ -314,8 +337,12 @@ def evaluate(model, tokenizer, rows, *, n=16, temperature=0.8, top_p=0.95, max_n
                     row, text = rows[start + j // k], tokenizer.decode(ids, skip_special_tokens=True)
                     done = sample.finished(ids, stops)
                     answer = answer_of(text, row, done)  # read once, for the record and its grade
+                    verdicts = {"correct": is_right(answer, row)}
+                    if grader != "normal":
+                        name = "correct" if grader == "math-verify" else "correct_math_verify"
+                        verdicts[name] = math_verify_right(text, row, done)
                     graded.append(dict(id=row["id"], kind=kind, index=j % k, text=text, finished=done,
-                                       answer=answer, correct=is_right(answer, row)))
+                                       answer=answer, **verdicts))
                 records += graded
                 if on_records:
                     on_records(graded)
@@ -323,9 +350,10 @@ def evaluate(model, tokenizer, rows, *, n=16, temperature=0.8, top_p=0.95, max_n
     return summarize_records(rows, records, n), records
 
 
-def summarize_records(rows, records, n):
+def summarize_records(rows, records, n, verdict="correct"):
     """summarize() over the questions whose n sampled records are all there (all of them after a whole
-    evaluation, the finished ones after an interrupted one); greedy where every one of those has it."""
+    evaluation, the finished ones after an interrupted one); greedy where every one of those has it.
+    verdict: the records' field that says right or wrong (correct_math_verify: math-verify's, --grader both)."""
     sampled, greedy = defaultdict(list), {}
     for r in records:
         if r["kind"] == "greedy":
@@ -336,9 +364,28 @@ def summarize_records(rows, records, n):
     if not done:
         return None
     has_greedy = bool(greedy) and all(row["id"] in greedy for row in done)
-    return summarize(done, [[s["correct"] for s in sampled[row["id"]]] for row in done],
+    return summarize(done, [[s[verdict] for s in sampled[row["id"]]] for row in done],
                      [[s["answer"] for s in sampled[row["id"]]] for row in done],
-                     [greedy[row["id"]]["correct"] for row in done] if has_greedy else None)
+                     [greedy[row["id"]][verdict] for row in done] if has_greedy else None)
+
+
+def evaluate_at_step(step, sampler, tokenizer, questions, args, rank, world, log_path):
+    """The training loop's evaluation at its start, every --eval-every steps and its end: mean@k / maj@k /
+    pass@k on the run's own questions (the paper's protocol: temperature 0.8, top-p 0.95), each of
+    torchrun's ranks sampling its share, rank 0 logging them all to log_path."""
+    if args.no_eval:
+        return
+    max_new = args.eval_max_new_tokens or args.max_new_tokens
+    _, records = evaluate(sampler, tokenizer, questions[rank::world], n=args.eval_n, temperature=0.8,
+                          top_p=0.95, max_new_tokens=max_new, batch_size=args.batch_size, seed=args.seed,
+                          engine=args.engine, thinking_block=args.thinking_block,
+                          max_rows=scale.max_rows(sampler, args.max_prompt_tokens + max_new, args, None))
+    grades = [{k: r[k] for k in ("id", "kind", "answer", "correct")} for r in records]  # not the texts
+    everyone = [r for part in scale.gather(grades, world) for r in part]
+    if rank == 0:
+        summary = summarize_records(questions, everyone, args.eval_n)
+        log_line(log_path, {"step": step, "eval": {k: v for k, v in summary.items() if not k.startswith("by_")}})
+        print(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in summary.items() if isinstance(v, float)))
 
 
 def results_name(data, model):
@@ -347,14 +394,17 @@ def results_name(data, model):
     return re.sub(r"[^\w.-]+", "_", f"{Path(data).stem}-{str(model).strip('/')}").strip("_")
 
 
-def print_table(summary):
-    """The overall metrics, then one line a group."""
+def print_table(summary, beside=None):
+    """The overall metrics, then one line a group; beside (--grader both: math-verify's metrics), each of its
+    metrics next to the same one of summary, headed '<metric> mv'."""
     cols = [c for c in summary if not c.startswith("by_")]
-    print(f"{'group':<34}" + "".join(f"{c:>11}" for c in cols))
-    lines = [("all", summary)] + [(f"{key[3:]}={g}", m) for key in summary if key.startswith("by_")
-                                  for g, m in summary[key].items()]
-    for name, m in lines:
-        print(f"{name[:33]:<34}" + "".join(f"{m[c]:>11}" if c == "questions" else f"{m[c]:>11.4f}" for c in cols))
+    heads = [(c, s) for c in cols for s in ((0,) if beside is None or c == "questions" else (0, 1))]
+    print(f"{'group':<34}" + "".join(f"{c + ' mv' * s:>11}" for c, s in heads))
+    groups = lambda m: [("all", m)] + [(f"{key[3:]}={g}", x) for key in m if key.startswith("by_")
+                                       for g, x in m[key].items()]
+    for (name, m), (_, mv) in zip(groups(summary), groups(beside or summary)):
+        print(f"{name[:33]:<34}" + "".join(f"{(m, mv)[s][c]:>11}" if c == "questions" else f"{(m, mv)[s][c]:>11.4f}"
+                                           for c, s in heads))
 
 
 def main(argv=None):
@@ -385,11 +435,16 @@ def main(argv=None):
     p.add_argument("--thinking-block", action="store_true", help="enable_thinking=False in the chat template")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--greedy", action="store_true", help="also report greedy (temperature 0) accuracy")
+    p.add_argument("--grader", default="normal", choices=GRADERS,
+                   help="normal: the normal form's string match (which votes and rewards use); math-verify: its "
+                        "parse and verify (pip install math-verify); both: the two side by side")
     # output
     p.add_argument("--out-dir", default="out/eval",
                    help="folder for <data>-<model>.json and .samples.jsonl (Ctrl-C keeps what was done)")
     args = p.parse_args(argv)
     print(vars(args))
+    if args.grader != "normal" and importlib.util.find_spec("math_verify") is None:
+        raise SystemExit(f"--grader {args.grader} needs the package math-verify: pip install math-verify")
 
     try:
         rows = load_benchmark(args.data, args.data_dir, n=args.arith_n, seed=args.arith_seed, level=args.arith_level)
@@ -432,19 +487,31 @@ def main(argv=None):
             summary, _ = evaluate(model, tokenizer, rows, n=args.n, temperature=args.temperature, top_p=args.top_p,
                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                                   greedy=args.greedy, engine=engine, max_rows=args.max_rows,
-                                  thinking_block=args.thinking_block, on_records=save)
+                                  thinking_block=args.thinking_block, on_records=save, grader=args.grader)
         except KeyboardInterrupt:
             partial = summarize_records(rows, graded, args.n)
             if partial is None:
                 raise SystemExit(f"interrupted before any question was done; {samples_path} holds "
                                  f"{len(graded)} completions, and no metrics were written")
-            write(partial, interrupted=True)
+            write(graded_by(args.grader, partial, graded, rows, args.n), interrupted=True)
             raise SystemExit(f"interrupted: {partial['questions']} of {len(rows)} questions done, their metrics "
                              f"in {json_path} (marked interrupted)")
-    print_table(summary)
-    write(summary)
+    results = graded_by(args.grader, summary, graded, rows, args.n)
+    print_table(summary, results.get("math_verify"))  # --grader both: math-verify's metrics beside
+    if args.grader == "both":
+        print(f"the two graders decide {results['graders_disagree']} of {len(graded)} completions differently")
+    write(results)
     print(f"wrote {json_path} and {samples_path}")
     return summary
+
+
+def graded_by(grader, summary, records, rows, n):
+    """The results to write: the grader's name and summary, and under --grader both math-verify's summary
+    beside it and how many completions the two graders decide differently."""
+    if grader != "both":
+        return {"grader": grader, **summary}
+    return {"grader": grader, **summary, "math_verify": summarize_records(rows, records, n, "correct_math_verify"),
+            "graders_disagree": sum(r["correct"] != r["correct_math_verify"] for r in records)}
 
 
 if __name__ == "__main__":

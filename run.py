@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 import grpo
 import hms
+import rewards
 from models import load_model
 
 MAX_SKIPS = 3  # updates in a row skipped for a NaN or inf gradient before the run stops
@@ -94,7 +95,7 @@ RUN_FLAGS = ("model", "data", "limit", "arith_n", "arith_seed", "arith_level", "
 # the flags that steer a run's evaluation, logging, saving and memory as its user set them: --resume keeps
 # the run's unless given again (not those the start-up derives: --engine, --kv-cache-gb, --micro-batch-tokens)
 KEPT_FLAGS = ("data_dir", "eval_every", "eval_n", "eval_max_new_tokens", "no_eval", "log_texts", "save_every",
-              "save_minutes", "micro_batch", "grad_checkpointing", "dtype")
+              "save_minutes", "micro_batch", "grad_checkpointing", "dtype", "explain", "explain_questions")
 
 
 def resume_args(args, argv, saved):
@@ -119,13 +120,14 @@ def resume_args(args, argv, saved):
 # The folder and its checkpoints
 
 
-def open_run(args, argv, ddp, master=True):
+def open_run(args, argv):
     """The run's --out-dir and, under --resume, the state of its checkpoint. Refuses to write over another
     run; a run killed before its first checkpoint starts over; a resumed run takes its own flags
     (resume_args). --plot draws the curves of the folder's log and exits here. Makes nothing: the folder is
     made by make_run_dir once the start-up checks have passed. A folder another process runs in is one line
     (hold). Returns (args, out_dir, ckpt, state): out_dir None for a new run with no --out-dir, state None
     unless resuming."""
+    ddp, master = ranks()
     if args.out_dir is None:
         if args.resume or args.plot:
             raise SystemExit("--resume and --plot need the run's --out-dir")
@@ -168,10 +170,17 @@ def open_run(args, argv, ddp, master=True):
             raise SystemExit("this run was made with --fsdp: resume it under torchrun")
     if args.resume and state is None:  # nothing to continue from: the run starts over, with its own flags
         print(f"--resume: {out_dir} has no checkpoint yet; the run starts over")
-        for name in ("log.jsonl", "samples.jsonl"):
+        for name in ("log.jsonl", "samples.jsonl", "explain.jsonl"):
             (out_dir / name).unlink(missing_ok=True)
         args.resume = False
     return args, out_dir, ckpt, state
+
+
+def ranks():
+    """(ddp, master): whether this process is one of torchrun's ranks, and whether it is rank 0, which alone
+    writes the run's files."""
+    ddp = dist.is_initialized()
+    return ddp, not ddp or dist.get_rank() == 0
 
 
 def check_out_dir(out_dir):
@@ -237,11 +246,12 @@ def unreadable(path, error):
             "from it: start it again in another --out-dir")
 
 
-def make_run_dir(args, out_dir, ddp, master):
+def make_run_dir(args, out_dir):
     """The run's folder, made once the start-up checks have passed (a start that fails leaves none):
     --out-dir, or a new runs/<model>-<data>-<selector>-<time>, which a run started in the same second
     cannot take too (it gets -2, -3, ...). A new run's flags go to its flags.json, for a --resume before
     its first checkpoint."""
+    ddp, master = ranks()
     if out_dir is None:
         name = [None]
         if master:  # rank 0 names the folder for every rank
@@ -287,11 +297,12 @@ def load_models(args, ckpt, device):
     return model, tokenizer, ref_model
 
 
-def save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step, args, master=True, ddp=False, skips=0):
+def save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step, args, skips=0):
     """The checkpoint of `step`: the model as a Hugging Face folder plus trainer.pt (AdamW, schedule, step,
     the NaN streak `skips`, flags). Under torchrun every rank calls it: under --fsdp the weights and AdamW's
     state are gathered whole onto rank 0's CPU (AdamW's keyed by weight name), rank 0 writes, and every rank
     waits for it."""
+    ddp, master = ranks()
     weights, optim = None, None  # weights None: save_pretrained reads the model's own
     if args.fsdp:
         whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -346,10 +357,11 @@ def sync(folder):
             os.close(fd)
 
 
-def restore(state, model, optimizer, scheduler, args, out_dir, total_steps, ddp, master):
+def restore(state, model, optimizer, scheduler, args, out_dir, total_steps):
     """A resumed run's AdamW state and schedule from its checkpoint's `state`, and its logs cut back to
     the checkpoint's step. Returns whether the run had already finished (and says so): all its steps
     done and its final evaluation logged (or --no-eval)."""
+    ddp, master = ranks()
     if args.fsdp:  # the whole state, keyed by weight name; each rank takes its shard
         set_optimizer_state_dict(model, optimizer, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
@@ -357,7 +369,7 @@ def restore(state, model, optimizer, scheduler, args, out_dir, total_steps, ddp,
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if master:
-        for path in (out_dir / "log.jsonl", out_dir / "samples.jsonl"):
+        for path in (out_dir / "log.jsonl", out_dir / "samples.jsonl", out_dir / "explain.jsonl"):
             truncate_log(path, state["step"])
     if ddp:
         dist.barrier()
@@ -410,26 +422,28 @@ def log_line(path, row):
 
 def step_summary(records, episodes, rewrites):
     """The step's numbers (over all ranks' questions): rewards, every selector's label accuracy, shapes.
-    records: label_and_reward's, a question each; episodes: every rollout, its answer and reward filled in."""
+    records: label_and_reward's, a question each; episodes: every rollout, its answer and reward filled in.
+    Under --reframe none there is no view 1: its numbers, format and P_div are None (null in log.jsonl)."""
     gold = {rec["id"]: rec["gold"] for rec in records}
     views = [e for e in episodes if e.view == 0], [e for e in episodes if e.view == 1]
     G = len(views[0]) // len(records)
-    out = {f"reward{v}": float(np.mean([e.reward for e in views[v]])) for v in (0, 1)}
+    mean = lambda xs: float(np.mean(xs)) if xs and None not in xs else None
+    out = {f"reward{v}": mean([e.reward for e in views[v]]) for v in (0, 1)}
     for s in hms.SELECTORS:  # (label of view 0, label of view 1): they differ under cross only
         out[f"label_acc/{s}"] = float(np.mean([y == rec["gold"] for rec in records
                                                for y in rec["labels"][s]]))
         out[f"no_label/{s}"] = float(np.mean([y is None for rec in records for y in rec["labels"][s]]))
     for v in (0, 1):  # how often each view reaches the gold answer: is the view invariance there?
-        out[f"acc{v}"] = float(np.mean([e.answer == gold[e.question] for e in views[v]]))
+        out[f"acc{v}"] = mean([e.answer == gold[e.question] for e in views[v]])
     out["hms_mv_agree"] = float(np.mean([rec["labels"]["hms"][0] == rec["labels"]["mv"][0]
                                          for rec in records]))
     flat = sum(grpo.count_flat_groups([e.reward for e in view], G) for view in views)
-    out["flat_groups"] = flat / (2 * len(records))
-    out["format"] = float(np.mean([rec["format"] for rec in records]))
-    out["p_div"] = float(np.mean([rec["p_div"] for rec in records]))
+    out["flat_groups"] = flat / (len(records) * sum(bool(view) for view in views))
+    out["format"] = mean([rec["format"] for rec in records])
+    out["p_div"] = mean([rec["p_div"] for rec in records])
     for v in (0, 1):
-        out[f"len{v}"] = float(np.mean([len(e.completion) for e in views[v]]))
-        out[f"truncated{v}"] = float(np.mean([not e.finished for e in views[v]]))
+        out[f"len{v}"] = mean([len(e.completion) for e in views[v]])
+        out[f"truncated{v}"] = mean([not e.finished for e in views[v]])
     if rewrites is not None:
         out["rewrite_failed"] = float(np.mean([x is None for x in rewrites]))
     return out
@@ -471,10 +485,11 @@ def sample_lines(out, question, step, args):
 
 
 def progress_line(row):
-    """The line a step writes under the progress bar."""
+    """The line a step writes under the progress bar (view 1's numbers "-" where there is none)."""
     acc = lambda s: "none" if row[f"no_label/{s}"] == 1 else f"{row[f'label_acc/{s}']:.2f}"
-    return (f"step {row['step']}: reward {row['reward0']:.3f}/{row['reward1']:.3f}  label acc "
-            f"hms {acc('hms')} mv {acc('mv')}  kl {row['kl']:.4f}  len {row['len0']:.0f}/{row['len1']:.0f}  "
+    two = lambda k, f: "/".join("-" if row[f"{k}{v}"] is None else format(row[f"{k}{v}"], f) for v in (0, 1))
+    return (f"step {row['step']}: reward {two('reward', '.3f')}  label acc "
+            f"hms {acc('hms')} mv {acc('mv')}  kl {row['kl']:.4f}  len {two('len', '.0f')}  "
             f"{row['t_sample'] + row['t_reward'] + row['t_update']:.1f}s (sampling {row['sample_tok_s']:.0f} "
             "tok/s)"
             + ("  SKIPPED: NaN or inf gradient, weights unchanged" if row["skipped"] else ""))
@@ -488,15 +503,37 @@ def print_start(args, n_questions, total_steps, world, device):
           + (f"; each epoch's last {left} questions in its shuffled order wait for the next epoch" if left else ""))
 
 
-def log_step(out_dir, step, epoch, everything, out, question, args, write=print):
+def log_step(out_dir, step, epoch, everything, out, questions, args, write=print):
     """Rank 0's lines of a step: its row in log.jsonl (step_row, over every rank's part in `everything`), the
-    texts of one of its own questions in samples.jsonl (sample_lines, from its `out`), and the line under the
-    progress bar (write)."""
+    texts of its first question in samples.jsonl (sample_lines, from its own `out`), the line under the
+    progress bar (write), and under --explain the tables of its first --explain-questions questions, also
+    into explain.jsonl."""
     row = {"step": step, "epoch": epoch, **step_row(everything)}
     log_line(out_dir / "log.jsonl", row)
     with open(out_dir / "samples.jsonl", "a") as f:
-        f.writelines(sample_lines(out, question, step, args))
+        f.writelines(sample_lines(out, questions[0], step, args))
     write(progress_line(row))
+    for question in questions[: args.explain_questions] if args.explain else []:
+        table = explanation(out, question, step, args)
+        log_line(out_dir / "explain.jsonl", table)
+        write("\n".join(hms.explanation_lines(table)))
+
+
+def explanation(out, question, step, args):
+    """--explain: one question's step as it trained, read from the step's own records (train_step's `out`):
+    hms.explain's table of its answers and every selector's labels, then the label that trained, each view's
+    rewards and advantages and, for the fused view, each rollout's format score and P_div."""
+    record = next(r for r in out["records"] if r["id"] == question["id"])
+    views = [[e for e in out["episodes"] if (e.question, e.view) == (question["id"], v)] for v in (0, 1)]
+    table = hms.explain(*([e.answer for e in view] for view in views), record["labels"], record["gold"],
+                        *([e.finished for e in view] for view in views))
+    fused = args.reframe == "fused"
+    return dict(step=step, id=question["id"], question=question["problem"], gold=record["gold"],
+                selector=args.selector, **table, label=record["labels"][args.selector],
+                views=["solve", args.reframe], rewards=[[e.reward for e in view] for view in views],
+                advantages=[[e.advantage for e in view] for view in views],
+                format=[rewards.format_score(e.text) for e in views[1]] if fused else None,
+                p_div=record["p_div"] if fused else None)
 
 
 def plot(log_path, png_path):
@@ -514,8 +551,9 @@ def plot(log_path, png_path):
     for s in hms.SELECTORS[:-1]:
         axes[0].plot([r["step"] for r in train], [r[f"label_acc/{s}"] for r in train], label=s)
     axes[0].set_title("pseudo-label accuracy (vs hidden gold)")
-    for v in ("0", "1"):
-        axes[1].plot([r["step"] for r in train], [r[f"reward{v}"] for r in train], label=f"view {v}")
+    for v in ("0", "1"):  # under --reframe none, view 0 alone
+        if any(r[f"reward{v}"] is not None for r in train):
+            axes[1].plot([r["step"] for r in train], [r[f"reward{v}"] for r in train], label=f"view {v}")
     axes[1].set_title("mean reward")
     for key in ("mean", "maj"):
         axes[2].plot([r["step"] for r in evals],
@@ -555,10 +593,11 @@ def count_skips(skips, skipped, step):
     return skips
 
 
-def save_due(step, args, last_save, stop_requested, ddp):
+def save_due(step, args, last_save, stop_requested):
     """Whether a checkpoint is due after `step` (1-based) by --save-every or --save-minutes. Under
     torchrun rank 0's clock and signals decide for all (its stop request is every rank's), so that every
     rank reaches the same collectives."""
+    ddp, _ = ranks()
     due = ((args.save_every and step % args.save_every == 0)
            or (args.save_minutes and time.monotonic() - last_save >= 60 * args.save_minutes))
     if ddp:

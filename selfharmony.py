@@ -12,28 +12,24 @@ Every rollout stays tied to its own question and each row carries its own comple
 release matches fused rollouts to another question's label after re-balancing, and masks the
 fused branch with the solver branch's mask; METHOD.md "Known defects").
 
---reframe picks how view 1 is made: `fused` (one call: rewrite then solve, the default and the
-release's), `separate` (the paper's three calls: solve x; rewrite x into x'; solve x' with the
-solver prompt; only the solving rollouts are trained), `given` (x' is a paraphrase the data row
-provides, Co-Reward's offline setting; `arith` rows carry one). --selector picks the label: hms,
-mv (each view its own vote, the release's baseline), mv0 (view 0's vote for both, TTRL), mv2
-(pooled vote), cross (Co-Reward), gt (the gold answer: the upper bound). Every selector's label
-accuracy is logged on the same rollouts whatever trains; the gold answer is read only to measure,
-unless --selector gt. The machinery behind the loop: run.py (the run's folder, checkpoints, logs,
-signals), models.py (--model), scale.py (GPU memory, torchrun, FSDP2), engine.py (the fast sampler).
+--reframe makes view 1: `fused` (rewrite then solve, one call: the release's), `separate` (the paper's
+three calls: solve x, rewrite it, solve the rewrite x'), `given` (solve a paraphrase the data provides).
+--selector picks the label that trains: hms, mv, mv0, mv2, cross or gt (README); every selector's label
+accuracy is logged on the same rollouts, and the gold answer is read only to measure unless --selector gt.
+--explain prints each step's table of one question (hms.explain). The machinery behind the loop: run.py
+(the run's folder, checkpoints, logs, signals), models.py (--model), scale.py (GPU memory, torchrun,
+FSDP2), engine.py (the fast sampler).
 
     python selfharmony.py --model tiny --data arith --steps 2          # seconds: the machinery
     python selfharmony.py --model smollm2 --data arith --reframe given  # the offline CPU demo (README)
     python selfharmony.py --model Qwen/Qwen3-1.7B-Base --data math500 --data-dir ../shared/data
-    torchrun --standalone --nproc_per_node=8 selfharmony.py --model Qwen/Qwen3-4B-Base \\
-        --fsdp --grad-checkpointing ...
 """
 
 import signal
 import sys
 
-if __name__ == "__main__":  # Ctrl-C or SIGTERM while the imports load or the run starts: stop at once, with
-    for sig in (signal.SIGINT, signal.SIGTERM):  # the shell's status (130, 143); main's own handlers take over
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while the imports load or the run starts: stop at once,
+    for sig in (signal.SIGINT, signal.SIGTERM):  # exit 130 / 143; main's own handlers take over later
         signal.signal(sig, lambda signum, _: sys.exit(128 + signum))
 
 import argparse
@@ -55,7 +51,7 @@ import run
 import sample
 import scale
 from answers import answer_of, gold_answer
-from eval import evaluate, load_benchmark, summarize_records
+from eval import evaluate_at_step, load_benchmark
 from run import DefaultsHelp, number
 
 
@@ -65,9 +61,9 @@ from run import DefaultsHelp, number
 
 @dataclass
 class Episode:
-    """One rollout, as GRPO-Zero keeps it: its question's id and its view (0: the question as asked, 1:
-    reframed), the prompt and completion token ids, the completion's text and whether it ended with a stop
-    token (else --max-new-tokens cut it off); then label_and_reward fills in its answer and reward."""
+    """One rollout, as GRPO-Zero keeps it: its question's id, its view (0: the question as asked, 1:
+    reframed), prompt and completion ids, text, whether it ended with a stop token (else it was cut off);
+    then label_and_reward fills in its answer and reward, and train_step its advantage."""
     question: str
     view: int
     prompt: list
@@ -76,6 +72,7 @@ class Episode:
     finished: bool
     answer: str | None = None
     reward: float = 0.0
+    advantage: float = 0.0
 
 
 def rollout(sampler, tokenizer, rows, args, generator, stops):
@@ -124,18 +121,17 @@ def label_and_reward(rows, episodes, args):
               if args.reframe == "fused" else rewards.solve_rewards(a1, y1))  # else view 1 solves x'
         for e, r in zip(e0 + e1, rewards.solve_rewards(a0, y0) + r1):
             e.reward = r
-        records.append(dict(id=row["id"], gold=gold, labels=labels,
-                            format=float(np.mean([rewards.format_score(t) for t in t1])),
-                            p_div=rewards.div_penalty(a0, a1)))
+        records.append(dict(id=row["id"], gold=gold, labels=labels,  # --reframe none: no view 1 to score
+                            format=float(np.mean([rewards.format_score(t) for t in t1])) if t1 else None,
+                            p_div=rewards.div_penalty(a0, a1) if e1 else None))
     return records
 
 
 def train_step(model, policy, sampler, tokenizer, optimizer, scheduler, ref_model, rows, args, generator,
                stops, pad_id, autocast):
     """Algorithm 1 on one batch of questions: both views drawn from the sampling copy, every selector's
-    labels, rewards, one GRPO update on the rollouts of both views (by default each view's token-mean,
-    the two added), and the sampling copy refreshed with the updated weights. policy: the model, or
-    under FSDP its sharded grpo.Scorer."""
+    labels, rewards, one GRPO update on both views' rollouts (by default each view's token-mean, the two
+    added), the sampling copy refreshed with the new weights. policy: the model, or under FSDP its Scorer."""
     t0 = time.perf_counter()
     scale.peak_gib(sampler.device)  # counts from here
     sampler.eval()  # on the CPU the sampler is the policy, which the update left in training mode
@@ -144,7 +140,10 @@ def train_step(model, policy, sampler, tokenizer, optimizer, scheduler, ref_mode
     records = label_and_reward(rows, episodes, args)
     # advantages per question and per view: rollout's order is view 0's episodes then view 1's, G a question
     advantages = torch.cat([grpo.group_advantages([e.reward for e in episodes if e.view == v],
-                                                  args.n_rollouts, scale=args.adv_scale) for v in (0, 1)])
+                                                  args.n_rollouts, scale=args.adv_scale)
+                            for v in (0, 1) if any(e.view == v for e in episodes)])  # --reframe none: view 0
+    for e, a in zip(episodes, advantages.tolist()):
+        e.advantage = a
     pairs = [(e.prompt, e.completion) for e in episodes]
     views = torch.tensor([e.view for e in episodes])
     batch = grpo.Rollouts(*grpo.pad_rollouts(pairs, pad_id), advantages, views=views).to(model.device)
@@ -178,7 +177,8 @@ flag("--arith-level", type=number(int, 1, 3), default=1,
      help="arith: 1 one-digit sums, 2 two-digit +/-, 3 two steps")
 # the method
 flag("--selector", default="hms", choices=hms.SELECTORS, help="pseudo-label selector that trains")
-flag("--reframe", default="fused", choices=("fused", "separate", "given"), help="how view 1 is made")
+flag("--reframe", default="fused", choices=("fused", "separate", "given", "none"),
+     help="how view 1 is made (none: no view 1, TTRL: with --selector mv0, view 0 trains on its own vote)")
 flag("--reward", default="gated", choices=rewards.MODES, help="fused reward: gated (paper) or additive")
 flag("--w-format", type=number(float, 0, 1), default=0.1, help="weight of the format penalty P_format")
 flag("--w-div", type=number(float, 0, 1), default=0.1, help="weight of the diversity penalty P_div")
@@ -209,7 +209,8 @@ flag("--kl-coef", type=number(float, 0), default=0.005,
 flag("--clip-eps", type=number(float, 0, above=True), default=0.2, help="PPO clip range")
 flag("--max-grad-norm", type=number(float, 0, above=True), default=1.0, help="gradient-norm clip")
 flag("--loss-agg", default="view-token-mean", choices=("view-token-mean", "token-mean", "seq-mean"),
-     help="each view's token-mean, added (the release), one token-mean over both views, or seq-mean")
+     help="each view's token-mean over the step, added (the release: per micro-batch), one token-mean over "
+          "both views, or seq-mean")
 flag("--adv-scale", default="std", choices=("std", "none"), help="divide advantages by the group std or not")
 flag("--micro-batch", type=number(int, 1), default=8,
      help="rows a forward/backward pass, in order, when --micro-batch-tokens is 0")
@@ -237,6 +238,9 @@ flag("--eval-max-new-tokens", type=number(int, 1), default=None,
      help="longest eval completion (default: --max-new-tokens)")
 flag("--no-eval", action="store_true", help="skip evaluation entirely")
 flag("--log-texts", type=number(int, 0), default=2, help="full rollout texts logged a step and view")
+flag("--explain", action="store_true",
+     help="print each step's table of its first questions (answers, labels, rewards); also to explain.jsonl")
+flag("--explain-questions", type=number(int, 1), default=1, help="questions a step --explain shows")
 flag("--save-every", type=number(int, 0), default=10, help="checkpoint every N steps (0: only at the end)")
 flag("--save-minutes", type=number(float, 0), default=30,
      help="also checkpoint when this long has passed since the last one (0: never by time)")
@@ -267,6 +271,9 @@ def load_questions(args, world):
     questions = questions[: args.limit] if args.limit else questions
     if args.reframe == "given" and not all(q.get("reframed") for q in questions):
         raise SystemExit("--reframe given needs a 'reframed' wording in every row (arith rows have one)")
+    if args.reframe == "none" and args.selector not in ("mv0", "mv", "gt"):
+        raise SystemExit(f"--reframe none has view 0 alone, which --selector {args.selector} cannot label: "
+                         "pass --selector mv0 (its own vote: TTRL) or gt")
     if args.batch_size % world or args.batch_size > len(questions):
         raise SystemExit(f"--batch-size {args.batch_size} must divide by {world} ranks and be "
                          f"<= {len(questions)} questions")
@@ -294,31 +301,11 @@ def drawn_questions(start, total_steps, n_questions, batch_size, seed):
     return drawn
 
 
-def run_eval(step, sampler, tokenizer, questions, args, rank, world, log_path):
-    """mean@k / maj@k / pass@k on the run's questions at --eval-every steps, the start and the end: each
-    rank samples its share, rank 0 logs (the paper's protocol: temperature 0.8, top-p 0.95)."""
-    if args.no_eval:
-        return
-    max_new = args.eval_max_new_tokens or args.max_new_tokens
-    _, records = evaluate(sampler, tokenizer, questions[rank::world], n=args.eval_n, temperature=0.8,
-                          top_p=0.95, max_new_tokens=max_new, batch_size=args.batch_size, seed=args.seed,
-                          engine=args.engine, thinking_block=args.thinking_block,
-                          max_rows=scale.max_rows(sampler, args.max_prompt_tokens + max_new, args, None))
-    grades = [{k: r[k] for k in ("id", "kind", "answer", "correct")} for r in records]  # not the texts
-    everyone = [r for part in scale.gather(grades, world) for r in part]
-    if rank == 0:
-        summary = summarize_records(questions, everyone, args.eval_n)
-        run.log_line(log_path, {"step": step, "eval": {k: v for k, v in summary.items()
-                                                       if not k.startswith("by_")}})
-        print(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in summary.items()
-                                                if isinstance(v, float)))
-
-
 def main(argv=None):
     args = parse_args(argv)
     ddp, rank, world, device = scale.start_ranks(args)
     master = rank == 0
-    args, out_dir, ckpt, state = run.open_run(args, argv, ddp, master)
+    args, out_dir, ckpt, state = run.open_run(args, argv)
     torch.manual_seed(args.seed)
     questions, total_steps = load_questions(args, world)
     start, skips = (state["step"], state.get("skips", 0)) if args.resume else (0, 0)  # skips: the NaN streak
@@ -338,9 +325,9 @@ def main(argv=None):
     optimizer = grpo.make_optimizer(model, args.lr, args.weight_decay)
     if not args.resume:  # AdamW's moments now, beside the weights (a resumed run loads them below)
         scale.allocate_state(optimizer)
-    out_dir = run.make_run_dir(args, out_dir, ddp, master)
+    out_dir = run.make_run_dir(args, out_dir)
     scheduler = grpo.make_scheduler(optimizer, total_steps, args.warmup)
-    if args.resume and run.restore(state, model, optimizer, scheduler, args, out_dir, total_steps, ddp, master):
+    if args.resume and run.restore(state, model, optimizer, scheduler, args, out_dir, total_steps):
         return  # a finished run
     del state  # a resumed run's AdamW state now lives in the optimizer
     stops = sample.stop_ids(model, tokenizer)
@@ -348,7 +335,7 @@ def main(argv=None):
     if master:
         run.print_start(args, len(questions), total_steps, world, device)
     log_path = out_dir / "log.jsonl"
-    evaluate_at = lambda step: run_eval(step, sampler, tokenizer, questions, args, rank, world, log_path)
+    evaluate_at = lambda s: evaluate_at_step(s, sampler, tokenizer, questions, args, rank, world, log_path)
 
     last_save, step = time.monotonic(), start - 1  # step: the one in progress, for exits_explained
     with (run.stop_signals() as stop, run.exits_explained(out_dir, lambda: step + 1),
@@ -366,7 +353,7 @@ def main(argv=None):
             everything = scale.gather({**out, "episodes": [replace(e, prompt=None, text=None)
                                                            for e in out["episodes"]]}, world)
             if master:
-                run.log_step(out_dir, step + 1, epoch, everything, out, rows[0], args, bar.write)
+                run.log_step(out_dir, step + 1, epoch, everything, out, rows, args, bar.write)
             bar.update()
             skips = run.count_skips(skips, out["stats"]["skipped"], step + 1)
 
@@ -376,9 +363,8 @@ def main(argv=None):
             if args.eval_every and (step + 1) % args.eval_every == 0 and not done:
                 evaluate_at(step + 1)
             # save_due on every rank (a collective), before the others: rank 0's stop request is every rank's
-            if run.save_due(step + 1, args, last_save, stop, ddp) or stop or done:
-                run.save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step + 1, args, master, ddp,
-                                    skips=skips)
+            if run.save_due(step + 1, args, last_save, stop) or stop or done:
+                run.save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step + 1, args, skips)
                 last_save = time.monotonic()
             if stop:
                 if master:

@@ -199,9 +199,9 @@ def test_mean_maj_pass_at_k_by_hand():
     golds = ["5", "7", "2"]
     correct = [[a == g for a in q] for q, g in zip(answers, golds)]
     assert ev.mean_at_k(correct) == pytest.approx((2 / 4 + 1 / 4 + 0) / 3)
-    assert ev.maj_at_k(answers, golds) == pytest.approx(1 / 3)
+    assert ev.maj_at_k(answers, correct) == pytest.approx(1 / 3)
     assert ev.pass_at_k(correct) == pytest.approx(2 / 3)
-    assert ev.maj_at_k([[None, None, "3"]], ["3"]) == 1.0
+    assert ev.maj_at_k([[None, None, "3"]], [[False, False, True]]) == 1.0
 
 
 def test_summary_by_group():
@@ -316,9 +316,10 @@ def test_the_cli_hands_each_option_to_evaluate(tmp_path, monkeypatch):
     for kw in seen:
         assert callable(kw.pop("on_records"))
     assert seen[0] == dict(n=2, temperature=0.5, top_p=0.9, max_new_tokens=7, batch_size=3, seed=4, greedy=True,
-                           engine="fast", max_rows=6, thinking_block=True, questions=3, device="cpu")
+                           engine="fast", max_rows=6, thinking_block=True, grader="normal", questions=3, device="cpu")
     assert seen[1] == dict(n=16, temperature=0.8, top_p=0.95, max_new_tokens=3072, batch_size=8, seed=0, greedy=False,
-                           engine="eager", max_rows=None, thinking_block=False, questions=3, device="cpu")
+                           engine="eager", max_rows=None, thinking_block=False, grader="normal", questions=3,
+                           device="cpu")
 
 
 def test_cli_on_arith(tmp_path):
@@ -421,3 +422,49 @@ def test_a_damaged_results_file_counts_as_none_and_results_are_written_whole(tmp
     summary = ev.main(argv)
     assert json.loads((tmp_path / "arith-tiny.json").read_text())["mean@2"] == summary["mean@2"]
     assert renames == [("arith-tiny.json.tmp", "arith-tiny.json")] and not (tmp_path / "arith-tiny.json.tmp").exists()
+
+
+def graded_cli(tmp_path, monkeypatch, grader, texts):
+    """eval.py's CLI on a two-question file, the sampler answering `texts` (two completions a question)."""
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"id": "root", "problem": "1/sqrt(3)?", "answer": "\\frac{1}{\\sqrt3}"},
+        {"id": "half", "problem": "1/2?", "answer": "\\frac12"})))
+    tok = ev.load_model("tiny")[1]
+    monkeypatch.setattr(sample, "generate", lambda model, prompts, *a, n=1, **k: [
+        tok.encode(t) + [tok.eos_token_id] for t in texts[: len(prompts) * n]])
+    ev.main(["--model", "tiny", "--data", str(data), "--n", "2", "--device", "cpu", "--grader", grader,
+             "--out-dir", str(tmp_path / "out")])
+    return json.loads((tmp_path / "out" / "two-tiny.json").read_text())
+
+
+def test_grader_math_verify_compares_values_where_the_normal_form_compares_strings(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("math_verify", reason="math-verify is optional: pip install math-verify")
+    row = {"id": "q", "problem": "p", "answer": "\\frac{1}{\\sqrt3}"}
+    text = "so \\boxed{\\frac{\\sqrt{3}}{3}}"  # the same value, rationalised: no string rule joins them
+    assert ev.math_verify_right(text, row) and not ev.is_correct(text, row)
+    assert not ev.math_verify_right("\\boxed{\\sqrt3}", row) and not ev.math_verify_right("no box", row)
+    choice = {"id": "c", "problem": "p", "choices": ["x", "y"], "answer": "B"}
+    assert ev.math_verify_right("\\boxed{B}", choice) and not ev.math_verify_right("\\boxed{A}", choice)
+    texts = ["\\boxed{\\frac{\\sqrt{3}}{3}}", "\\boxed{2}", "\\boxed{0.5}", "\\boxed{1/2}"]
+    out = graded_cli(tmp_path, monkeypatch, "math-verify", texts)
+    assert out["grader"] == "math-verify" and out["mean@2"] == pytest.approx((1 / 2 + 2 / 2) / 2)
+    out = graded_cli(tmp_path, monkeypatch, "both", texts)
+    # the normal form writes 0.5 and 1/2 alike, \frac12; the rationalised root it keeps apart from the gold
+    assert out["grader"] == "both" and out["mean@2"] == pytest.approx((0 + 1) / 2)
+    assert out["math_verify"]["mean@2"] == pytest.approx(3 / 4) and out["graders_disagree"] == 1
+    printed = capsys.readouterr().out
+    assert "mean@2 mv" in printed and "the two graders decide 1 of 4 completions differently" in printed
+    records = [json.loads(line) for line in open(tmp_path / "out" / "two-tiny.samples.jsonl")]
+    assert [(r["correct"], r["correct_math_verify"]) for r in records] == [
+        (False, True), (False, False), (True, True), (True, True)]
+
+
+def test_grader_math_verify_without_the_package_is_one_line(tmp_path, monkeypatch):
+    real = ev.importlib.util.find_spec
+    monkeypatch.setattr(ev.importlib.util, "find_spec", lambda name, *a: None if name == "math_verify" else
+                        real(name, *a))
+    for grader in ("math-verify", "both"):
+        with pytest.raises(SystemExit, match=f"--grader {grader} needs the package math-verify: pip install"):
+            ev.main(["--model", "tiny", "--data", "arith", "--grader", grader, "--out-dir", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # refused before the model loads or a file is written

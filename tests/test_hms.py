@@ -4,8 +4,8 @@ import time
 import numpy as np
 import pytest
 
-from hms import (SELECTORS, _simulate, cross_select, harmonic_mean_select, hms_scores, majority_vote,
-                 pooled_majority_vote, select_labels)
+from hms import (SELECTORS, _simulate, cross_select, explain, explanation_lines, harmonic_mean_select, hms_scores,
+                 majority_vote, pooled_majority_vote, select_labels)
 
 
 VIEW0 = ["9"] * 5 + ["7"] * 3
@@ -85,3 +85,38 @@ def test_5000_distinct_answers_a_view_are_selected_fast():
         labels = [select_labels(s, answers0, answers1, gold="7") for s in SELECTORS]
         best = min(best, time.perf_counter() - start)
     assert labels[0] == ("4999", "4999") and best < 0.05 * len(SELECTORS)
+
+
+def test_explain_draws_the_table_of_one_question_by_hand():
+    # view 0 votes 5, view 1 gives 3 most often; only 3 is in both views, so HMS takes it; the gold is 7
+    answers0, answers1 = ["5", "5", None, "3"], ["3", "3", None, "7"]
+    labels = {s: select_labels(s, answers0, answers1, gold="7") for s in SELECTORS}
+    table = explain(answers0, answers1, labels, gold="7", finished1=[True, True, False, True])
+    rows = [(r["answer"], r["n0"], r["n1"], r["p0"], r["p1"], r["hm"], r["labels"]) for r in table["candidates"]]
+    assert rows == [("3", 1, 2, 0.25, 0.5, pytest.approx(1 / 3), ["hms", "mv:1", "mv2", "cross:0"]),  # 2/4 1/2 / 3/4
+                    ("5", 2, 0, 0.5, 0.0, None, ["mv:0", "mv0", "cross:1"]),
+                    ("7", 0, 1, 0.0, 0.25, None, ["gt", "gold"])]
+    assert table["none"] == [1, 0] and table["cut_off"] == [0, 1]  # view 0's unanswered one finished
+    assert table["why"] == ("the vote's answer 5 is frequent in view 0 only (p0 0.50, p1 0): HMS takes 3, which "
+                            "both views give (p0 0.25, p1 0.50, HM 0.33)")
+    lines = explanation_lines(table)
+    assert lines[1].split() == ["3", "1", "2", "0.25", "0.50", "0.33", "hms", "mv:1", "mv2", "cross:0"]
+    assert lines[2].split() == ["5", "2", "0", "0.50", "0.00", "-", "mv:0", "mv0", "cross:1"]
+    assert lines[4].split() == ["none", "1", "0"] and lines[5].split() == ["cut", "off", "0", "1"]
+    # the vote's answer in both views, but rarer in view 1: HM(5) = 2 (1/2)(1/4) / (3/4) = 1/3 < HM(3) = 3/8
+    answers0, answers1 = ["5", "5", "3", "7"], ["5", "3", "3", "3"]
+    labels = {s: select_labels(s, answers0, answers1) for s in ("hms", "mv0")}
+    assert explain(answers0, answers1, labels)["why"] == (
+        "the vote's answer 5 is more frequent in view 0 (p0 0.50 against 0.25) but rarer in view 1 (0.25 against "
+        "0.75): its harmonic mean 0.33 is below 3's 0.38")
+    # a tie in view 0, which the vote breaks by the smaller string
+    answers0, answers1 = ["2", "8", "5", "6"], ["8", "9", "9", "7"]
+    labels = {s: select_labels(s, answers0, answers1) for s in ("hms", "mv0")}
+    assert explain(answers0, answers1, labels)["why"] == (
+        "view 0 gives 2 and 8 as often (p0 0.25): the vote takes the smaller, 2; view 1 never gives it, and HMS "
+        "takes 8 (p1 0.25)")
+    # a tie of harmonic means, 3/8 each: HMS takes the smaller answer
+    answers0, answers1 = ["5", "5", "5", "3"], ["5", "3", "3", "3"]
+    labels = {s: select_labels(s, answers0, answers1) for s in ("hms", "mv0")}
+    assert explain(answers0, answers1, labels)["why"].endswith("ties 3's, and a tie goes to the larger p0 + p1, "
+                                                               "then to the smaller answer")

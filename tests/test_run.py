@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import eval as ev
 import grpo
 import selfharmony
-from models import tiny_model
+from models import byte_tokenizer, tiny_model
 from run import KEPT_FLAGS, RUN_FLAGS, make_run_dir, numbers, resume_args, sample_lines, strict_json
 from test_selfharmony import ROOT, TINY, episodes_of, final_weights, read_log, untimed
 
@@ -116,7 +117,7 @@ def test_a_second_ctrl_c_in_the_first_evaluation_is_one_line_then_resume_starts_
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(selfharmony, "evaluate", interrupted)
+    monkeypatch.setattr(ev, "evaluate", interrupted)
     run = ["--out-dir", str(tmp_path)]
     with pytest.raises(SystemExit) as stopped:
         selfharmony.main(TINY + ["--selector", "mv", "--steps", "1"] + run)
@@ -262,7 +263,7 @@ def test_a_run_without_out_dir_gets_its_own_folder(tmp_path, monkeypatch, capsys
     assert run.name == "tiny-arith-hms-20261128-120000" and (run / "ckpt").exists()
     args = selfharmony.parse_args(TINY)
     for k in (2, 3):
-        assert make_run_dir(args, None, False, True).resolve() == run.with_name(f"{run.name}-{k}")
+        assert make_run_dir(args, None).resolve() == run.with_name(f"{run.name}-{k}")
         args.out_dir = None
     for flag in ("--resume", "--plot"):
         with pytest.raises(SystemExit, match="need the run's --out-dir"):
@@ -487,3 +488,52 @@ def test_a_log_that_is_a_folder_is_one_line(tmp_path):
     for again in ([], ["--resume"]):
         with pytest.raises(SystemExit, match="log.jsonl is not a file"):
             selfharmony.main(TINY + ["--out-dir", str(tmp_path)] + again)
+
+
+def test_explain_shows_what_trained_on_a_hand_built_step(tmp_path, monkeypatch, capsys):
+    # question a: view 0 votes 5, only 3 is in both views (HMS takes it), the gold is 7 (test_hms's table); the
+    # samplers' completions are written by hand, and the table must show what the step trained on
+    rows = [{"id": "a", "problem": "Alpha?", "answer": "7", "reframed": "Alpha, retold?"},
+            {"id": "b", "problem": "Beta?", "answer": "1", "reframed": "Beta, retold?"}]
+    (tmp_path / "two.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    completions = {"Alpha?": [r"\boxed{5}", r"\boxed{5}", "no box", r"\boxed{3}"],
+                   "Alpha, retold?": [r"\boxed{3}", r"\boxed{3}", None, r"\boxed{7}"],  # None: cut off, no box
+                   "Beta?": [r"\boxed{1}"] * 4, "Beta, retold?": [r"\boxed{1}"] * 4}
+    tokenizer = byte_tokenizer()
+
+    def by_hand(model, prompts, max_new_tokens, n=1, **kwargs):
+        texts = [completions[next(k for k in completions if f"\n{k}<" in tokenizer.decode(p))] for p in prompts]
+        return [tokenizer.encode("cut") if t is None else tokenizer.encode(t) + [tokenizer.eos_token_id]
+                for view in texts for t in view]
+
+    monkeypatch.setattr("sample.generate", by_hand)
+    argv = TINY + ["--data", str(tmp_path / "two.jsonl"), "--reframe", "given", "--steps", "1", "--no-eval"]
+    selfharmony.main(argv + ["--explain", "--explain-questions", "2", "--out-dir", str(tmp_path / "explained")])
+    printed = capsys.readouterr().out
+    a, b = sorted((json.loads(line) for line in open(tmp_path / "explained" / "explain.jsonl")), key=lambda e: e["id"])
+    assert [(r["answer"], r["n0"], r["n1"], r["p0"], r["p1"], r["labels"]) for r in a["candidates"]] == [
+        ("3", 1, 2, 0.25, 0.5, ["hms", "mv:1", "mv2", "cross:0"]), ("5", 2, 0, 0.5, 0.0, ["mv:0", "mv0", "cross:1"]),
+        ("7", 0, 1, 0.0, 0.25, ["gt", "gold"])]
+    assert a["candidates"][0]["hm"] == pytest.approx(1 / 3) and a["none"] == [1, 0] and a["cut_off"] == [0, 1]
+    assert a["label"] == ["3", "3"] and a["gold"] == "7" and a["format"] is None and a["step"] == 1
+    assert a["rewards"] == [[0, 0, 0, 1], [1, 1, 0, 0]]
+    # view 0: mean 1/4, std (unbiased) 1/2; view 1: mean 1/2, std sqrt(1/3)
+    assert a["advantages"][0] == pytest.approx([-0.5, -0.5, -0.5, 1.5], rel=1e-5)
+    assert a["advantages"][1] == pytest.approx([0.5 * 3 ** 0.5] * 2 + [-0.5 * 3 ** 0.5] * 2, rel=1e-5)
+    assert a["why"].startswith("the vote's answer 5 is frequent in view 0 only") and b["why"] is None
+    assert "step 1, a: Alpha?" in printed and "  gold 7 (not used to train)" in printed
+    assert "  trains (hms): 3" in printed and "  why: the vote's answer 5" in printed
+    # off, nothing is printed or written, and the run's own logs are the same
+    selfharmony.main(argv + ["--out-dir", str(tmp_path / "plain")])
+    assert "trains (" not in capsys.readouterr().out and not (tmp_path / "plain" / "explain.jsonl").exists()
+    assert untimed(tmp_path / "plain") == untimed(tmp_path / "explained")
+    assert (tmp_path / "plain" / "samples.jsonl").read_text() == (tmp_path / "explained" / "samples.jsonl").read_text()
+
+
+@pytest.mark.parametrize("reframe", ["fused", "separate", "given"])
+def test_explain_on_the_tiny_model_for_each_reframing(tmp_path, capsys, reframe):
+    selfharmony.main(TINY + ["--reframe", reframe, "--steps", "2", "--no-eval", "--explain", "--out-dir", str(tmp_path)])
+    tables = [json.loads(line) for line in open(tmp_path / "explain.jsonl")]
+    assert [t["step"] for t in tables] == [1, 2] and all(len(t["rewards"][v]) == 4 for t in tables for v in (0, 1))
+    assert all((t["format"] is None) == (reframe != "fused") for t in tables)
+    assert capsys.readouterr().out.count("  trains (hms): ") == 2

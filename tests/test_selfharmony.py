@@ -12,7 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import eval as ev
 import grpo
+import hms
 import prompts
 import run
 import sample
@@ -243,7 +245,7 @@ def test_a_prompt_over_the_limit_stops_the_start_up_before_the_first_evaluation(
         limit = max(longest[i] for i in drawn) - 1
         run = TINY + ["--reframe", reframe, "--max-prompt-tokens", str(limit), "--out-dir", str(tmp_path / reframe)]
         with monkeypatch.context() as m:
-            m.setattr(selfharmony, "evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))
+            m.setattr(ev, "evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))
             with pytest.raises(SystemExit, match=f"prompt of {limit + 1} tokens is over --max-prompt-tokens {limit}"):
                 selfharmony.main(run + ["--steps", "1"])
         assert not (tmp_path / reframe).exists()
@@ -257,6 +259,22 @@ def test_a_prompt_over_the_limit_stops_the_start_up_before_the_first_evaluation(
     assert not (tmp_path / "two").exists()  # at start-up, not when step 2 draws it
 
 
+def test_reframe_none_is_ttrl_view_0_alone_trains_on_its_own_vote(tmp_path):
+    # TTRL's row of the paper: no view 1 is sampled, view 0's majority vote is its label
+    selfharmony.main(TINY + ["--steps", "2", "--no-eval", "--reframe", "none", "--selector", "mv0", "--explain",
+                             "--out-dir", str(tmp_path)])
+    for r in read_log(tmp_path):
+        assert [r[k] for k in ("reward1", "acc1", "len1", "truncated1", "format", "p_div")] == [None] * 6
+        assert r["reward0"] is not None and r["len0"] > 0
+        assert r["sample_tok_s"] == pytest.approx(8 * r["len0"] / r["t_sample"])  # 2 questions x 4, one view
+    samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
+    assert {s["view"] for s in samples} == {"solve"}
+    for line in open(tmp_path / "explain.jsonl"):
+        e = json.loads(line)
+        assert e["rewards"][1] == [] and all(r["n1"] == 0 for r in e["candidates"])
+        assert e["label"][0] == hms.majority_vote([c["answer"] for c in e["candidates"] for _ in range(c["n0"])])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--selector", "vote"], None),  # argparse: invalid choice
     (["--seed", "-1"], "--seed: must be an integer >= 0"),  # numpy's generator takes no negative seed
@@ -266,6 +284,7 @@ def test_a_prompt_over_the_limit_stops_the_start_up_before_the_first_evaluation(
     (["--batch-size", "5"], "--batch-size 5"),
     (["--data", "math500", "--data-dir", str(ROOT.parent / "shared" / "data"), "--reframe", "given"], "reframed"),
     (["--resume"], "no checkpoint"),
+    (["--reframe", "none"], "--reframe none has view 0 alone, which --selector hms cannot label"),
     (["--device", "gpu"], "unknown device 'gpu'"),
 ])
 def test_bad_input_is_a_clear_message(tmp_path, capsys, argv, message):
@@ -306,13 +325,13 @@ def test_the_loop_runs_under_torchrun_with_two_gloo_ranks(tmp_path):
     script = f"""
 import sys
 sys.path[:0] = [{str(ROOT)!r}]
-import torch.distributed as dist, selfharmony
-real = selfharmony.evaluate
+import torch.distributed as dist, eval, selfharmony
+real = eval.evaluate
 def evaluate(model, tokenizer, rows, **kw):
     with open(f"evaluated{{dist.get_rank()}}.txt", "a") as f:
         f.write(" ".join(r["id"] for r in rows) + "\\n")
     return real(model, tokenizer, rows, **kw)
-selfharmony.evaluate = evaluate
+eval.evaluate = evaluate
 selfharmony.main(sys.argv[1:])
 """
     (tmp_path / "loop.py").write_text(script)
