@@ -242,16 +242,17 @@ def is_right(answer, row):
     return answer is not None and answer == gold_answer(row)
 
 
-def math_verify_right(text, row, finished=True):
+def math_verify_right(text, row, answer):
     """math-verify's verdict (pip install math-verify) on a completion's answer as written, the content of
-    its last box (an arith row's bare number), against the row's gold answer: it parses both and compares
-    them as values, with some algebra, where the normal form compares strings (74x slower). A
-    multiple-choice letter has nothing for it to add: the normal grade."""
+    its last box, against the row's gold answer: it parses both and compares them as values, with some
+    algebra, where the normal form compares strings (74x slower). answer: the normal form's reading
+    (answer_of), which stands where there is no box (an arith row's bare number); a multiple-choice
+    letter has nothing for math-verify to add: the normal grade."""
     from math_verify import parse, verify
     if row.get("choices"):
-        return is_right(answer_of(text, row, finished), row)
+        return is_right(answer, row)
     written = extract_answer(text)
-    written = answer_of(text, row, finished) if written is None else written
+    written = answer if written is None else written
     return written is not None and bool(verify(parse(f"${row['answer']}$"), parse(f"${written}$")))
 
 
@@ -340,7 +341,7 @@ def evaluate(model, tokenizer, rows, *, n=16, temperature=0.8, top_p=0.95, max_n
                     verdicts = {"correct": is_right(answer, row)}
                     if grader != "normal":
                         name = "correct" if grader == "math-verify" else "correct_math_verify"
-                        verdicts[name] = math_verify_right(text, row, done)
+                        verdicts[name] = math_verify_right(text, row, answer)
                     graded.append(dict(id=row["id"], kind=kind, index=j % k, text=text, finished=done,
                                        answer=answer, **verdicts))
                 records += graded

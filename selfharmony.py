@@ -13,10 +13,11 @@ release matches fused rollouts to another question's label after re-balancing, a
 fused branch with the solver branch's mask; METHOD.md "Known defects").
 
 --reframe makes view 1: `fused` (rewrite then solve, one call: the release's), `separate` (the paper's
-three calls: solve x, rewrite it, solve the rewrite x'), `given` (solve a paraphrase the data provides).
+three calls: solve x, rewrite it, solve the rewrite x'), `given` (solve a paraphrase the data provides),
+`none` (no view 1: with --selector mv0, TTRL).
 --selector picks the label that trains: hms, mv, mv0, mv2, cross or gt (README); every selector's label
 accuracy is logged on the same rollouts, and the gold answer is read only to measure unless --selector gt.
---explain prints each step's table of one question (hms.explain). The machinery behind the loop: run.py
+--explain prints each step's table of its first questions (hms.explain). The machinery behind the loop: run.py
 (the run's folder, checkpoints, logs, signals), models.py (--model), scale.py (GPU memory, torchrun,
 FSDP2), engine.py (the fast sampler).
 

@@ -442,10 +442,13 @@ def test_grader_math_verify_compares_values_where_the_normal_form_compares_strin
     pytest.importorskip("math_verify", reason="math-verify is optional: pip install math-verify")
     row = {"id": "q", "problem": "p", "answer": "\\frac{1}{\\sqrt3}"}
     text = "so \\boxed{\\frac{\\sqrt{3}}{3}}"  # the same value, rationalised: no string rule joins them
-    assert ev.math_verify_right(text, row) and not ev.is_correct(text, row)
-    assert not ev.math_verify_right("\\boxed{\\sqrt3}", row) and not ev.math_verify_right("no box", row)
+    right = lambda text, row: ev.math_verify_right(text, row, answer_of(text, row))
+    assert right(text, row) and not ev.is_correct(text, row)
+    assert not right("\\boxed{\\sqrt3}", row) and not right("no box", row)
     choice = {"id": "c", "problem": "p", "choices": ["x", "y"], "answer": "B"}
-    assert ev.math_verify_right("\\boxed{B}", choice) and not ev.math_verify_right("\\boxed{A}", choice)
+    assert right("\\boxed{B}", choice) and not right("\\boxed{A}", choice)
+    arith = {"id": "s", "problem": "2 + 3?", "answer": "5", "answer_format": "number"}
+    assert right("so 2 + 3 = 5", arith) and not right("so 2 + 3 = 6", arith)  # the bare number, no box
     texts = ["\\boxed{\\frac{\\sqrt{3}}{3}}", "\\boxed{2}", "\\boxed{0.5}", "\\boxed{1/2}"]
     out = graded_cli(tmp_path, monkeypatch, "math-verify", texts)
     assert out["grader"] == "math-verify" and out["mean@2"] == pytest.approx((1 / 2 + 2 / 2) / 2)
