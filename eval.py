@@ -324,7 +324,7 @@ def evaluate(model, tokenizer, rows, *, n=16, temperature=0.8, top_p=0.95, max_n
     model.eval()
     records = []
     modes = [("sampled", n, temperature)] + ([("greedy", 1, 0.0)] if greedy else [])
-    quiet = torch.distributed.is_initialized() and torch.distributed.get_rank() > 0  # the loop's other ranks
+    quiet = not scale.ranks()[1]  # the loop's other ranks
     total = len(rows) * sum(k for _, k, _ in modes)
     generate = fast.generate if engine == "fast" else sample.generate  # the caller's choice
     with tqdm(total=total, desc="eval", unit="completion", disable=quiet) as bar:

@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 import grpo
 import hms
 import rewards
+import scale
 from models import load_model
 
 MAX_SKIPS = 3  # updates in a row skipped for a NaN or inf gradient before the run stops
@@ -127,7 +128,7 @@ def open_run(args, argv):
     made by make_run_dir once the start-up checks have passed. A folder another process runs in is one line
     (hold). Returns (args, out_dir, ckpt, state): out_dir None for a new run with no --out-dir, state None
     unless resuming."""
-    ddp, master = ranks()
+    ddp, master = scale.ranks()
     if args.out_dir is None:
         if args.resume or args.plot:
             raise SystemExit("--resume and --plot need the run's --out-dir")
@@ -174,13 +175,6 @@ def open_run(args, argv):
             (out_dir / name).unlink(missing_ok=True)
         args.resume = False
     return args, out_dir, ckpt, state
-
-
-def ranks():
-    """(ddp, master): whether this process is one of torchrun's ranks, and whether it is rank 0, which alone
-    writes the run's files."""
-    ddp = dist.is_initialized()
-    return ddp, not ddp or dist.get_rank() == 0
 
 
 def check_out_dir(out_dir):
@@ -251,7 +245,7 @@ def make_run_dir(args, out_dir):
     --out-dir, or a new runs/<model>-<data>-<selector>-<time>, which a run started in the same second
     cannot take too (it gets -2, -3, ...). A new run's flags go to its flags.json, for a --resume before
     its first checkpoint."""
-    ddp, master = ranks()
+    ddp, master = scale.ranks()
     if out_dir is None:
         name = [None]
         if master:  # rank 0 names the folder for every rank
@@ -302,7 +296,7 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, step, args,
     the NaN streak `skips`, flags). Under torchrun every rank calls it: under --fsdp the weights and AdamW's
     state are gathered whole onto rank 0's CPU (AdamW's keyed by weight name), rank 0 writes, and every rank
     waits for it."""
-    ddp, master = ranks()
+    ddp, master = scale.ranks()
     weights, optim = None, None  # weights None: save_pretrained reads the model's own
     if args.fsdp:
         whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -361,7 +355,7 @@ def restore(state, model, optimizer, scheduler, args, out_dir, total_steps):
     """A resumed run's AdamW state and schedule from its checkpoint's `state`, and its logs cut back to
     the checkpoint's step. Returns whether the run had already finished (and says so): all its steps
     done and its final evaluation logged (or --no-eval)."""
-    ddp, master = ranks()
+    ddp, master = scale.ranks()
     if args.fsdp:  # the whole state, keyed by weight name; each rank takes its shard
         set_optimizer_state_dict(model, optimizer, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
@@ -597,7 +591,7 @@ def save_due(step, args, last_save, stop_requested):
     """Whether a checkpoint is due after `step` (1-based) by --save-every or --save-minutes. Under
     torchrun rank 0's clock and signals decide for all (its stop request is every rank's), so that every
     rank reaches the same collectives."""
-    ddp, _ = ranks()
+    ddp, _ = scale.ranks()
     due = ((args.save_every and step % args.save_every == 0)
            or (args.save_minutes and time.monotonic() - last_save >= 60 * args.save_minutes))
     if ddp:

@@ -49,10 +49,16 @@ def start_ranks(args):
     return ddp, rank, world, device
 
 
+def ranks():
+    """(ddp, master): whether this process is one of torchrun's ranks, and whether it is rank 0, which alone
+    writes the run's files and draws the progress bars."""
+    ddp = dist.is_initialized()
+    return ddp, not ddp or dist.get_rank() == 0
+
+
 def work_bar(total, desc, unit):
     """A progress bar for a part of a step (sampling, the update), on rank 0 only, gone when done."""
-    quiet = dist.is_initialized() and dist.get_rank() > 0
-    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=quiet)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not ranks()[1])
 
 
 def gather(obj, world):
